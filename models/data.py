@@ -1,0 +1,180 @@
+"""Readers that turn event files into sessions, and the item vocabulary.
+
+Formats:
+  session-tsv  `SessionId<TAB>ItemId<TAB>Time` (Unix seconds), as in yoochoose-100k
+  jsonl        one wire-format event per line (see README); sessions cut by inactivity
+  parquet      the worker's snapshots (`pipeline/snapshots.py` writes them); rows
+               are de-duplicated by (partition, offset), then cut by inactivity
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import BadRecord, DataError
+from models.events import Event, parse_event
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("session-tsv", "jsonl", "parquet")
+DEFAULT_SESSION_GAP_S = 30 * 60  # sessions are cut after 30 minutes of inactivity
+
+
+@dataclass
+class Session:
+    key: str  # session id, or "<user>#<n>" for cut sessions
+    items: list[str] = field(default_factory=list)
+    types: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # Unix seconds
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def read_sessions(path: str | Path, fmt: str, session_gap_s: float = DEFAULT_SESSION_GAP_S) -> list[Session]:
+    """Read `path` in format `fmt` -> sessions ordered by start time."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"read: {path} does not exist")
+    if fmt == "session-tsv":
+        sessions = _read_session_tsv(path)
+    elif fmt == "jsonl":
+        sessions = sessionize(_read_jsonl(path), session_gap_s)
+    elif fmt == "parquet":
+        sessions = sessionize(read_snapshot_events(path), session_gap_s)
+    else:
+        raise DataError(f"read: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    sessions.sort(key=lambda s: (s.times[0], s.key))
+    return sessions
+
+
+def _read_session_tsv(path: Path) -> list[Session]:
+    by_id: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
+    with path.open(newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:3]] != ["SessionId", "ItemId", "Time"]:
+            raise DataError(f"read session-tsv: {path} must start with the header SessionId, ItemId, Time")
+        for n, row in enumerate(reader, start=2):
+            if len(row) < 3:
+                raise DataError(f"read session-tsv: {path} line {n} has fewer than 3 columns")
+            try:
+                ts = float(row[2])
+            except ValueError:
+                raise DataError(f"read session-tsv: {path} line {n}: Time is not a number") from None
+            by_id[row[0]].append((ts, n, row[1]))
+    sessions = []
+    for sid, rows in by_id.items():
+        rows.sort()
+        sessions.append(Session(sid, [r[2] for r in rows], [0] * len(rows), [r[0] for r in rows]))
+    return sessions
+
+
+def _read_jsonl(path: Path) -> list[Event]:
+    events, bad = [], Counter()
+    now_ms = int(time.time() * 1000)
+    with path.open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                events.append(parse_event(json.loads(line), now_ms))
+            except json.JSONDecodeError:
+                bad["invalid_json"] += 1
+            except BadRecord as e:
+                bad[e.reason] += 1
+    if bad:
+        log.warning("read jsonl: skipped %d invalid lines (%s)", sum(bad.values()), dict(bad))
+    return events
+
+
+def read_snapshot_events(path: str | Path) -> list[Event]:
+    """All events in the snapshot files under `path`, de-duplicated by (partition, offset)."""
+    import pyarrow.dataset as ds  # local import: the core stays importable without pyarrow
+
+    try:
+        dataset = ds.dataset(str(path), format="parquet", partitioning="hive", exclude_invalid_files=True)
+        table = dataset.to_table(
+            columns=["user_id", "partition", "offsets", "item_ids", "event_types", "timestamps_ms"]
+        )
+    except Exception as e:  # pyarrow raises several unrelated types here
+        raise DataError(f"read parquet: cannot read snapshots under {path}: {e}") from None
+    seen: set[tuple[int, int]] = set()
+    events = []
+    for row in table.to_pylist():
+        part = row["partition"]
+        for off, item, etype, ts in zip(row["offsets"], row["item_ids"], row["event_types"], row["timestamps_ms"]):
+            if (part, off) in seen:
+                continue
+            seen.add((part, off))
+            events.append(Event(row["user_id"], item, int(etype), int(ts), event_id=f"{part}-{off}"))
+    return events
+
+
+def sessionize(events: Iterable[Event], gap_s: float = DEFAULT_SESSION_GAP_S) -> list[Session]:
+    """Group events by user (or by session_id when given) and cut at `gap_s` of inactivity."""
+    by_key: dict[str, list[Event]] = defaultdict(list)
+    for e in events:
+        by_key[e.session_id if e.session_id is not None else e.user_id].append(e)
+    sessions = []
+    for key, evs in by_key.items():
+        evs.sort(key=lambda e: e.timestamp_ms)
+        current: Session | None = None
+        for e in evs:
+            t = e.timestamp_ms / 1000.0
+            if current is None or t - current.times[-1] > gap_s:
+                current = Session(f"{key}#{len(sessions)}")
+                sessions.append(current)
+            current.items.append(e.item_id)
+            current.types.append(e.event_type)
+            current.times.append(t)
+    return sessions
+
+
+class Vocabulary:
+    """Item id <-> dense index. Index order: most frequent first."""
+
+    def __init__(self, items: list[str]) -> None:
+        self.items = list(items)
+        self.index = {item: i for i, item in enumerate(self.items)}
+        if len(self.index) != len(self.items):
+            raise DataError("vocabulary: item ids are not unique")
+
+    @classmethod
+    def from_sessions(cls, sessions: Iterable[Session]) -> Vocabulary:
+        counts = Counter(item for s in sessions for item in s.items)
+        return cls([item for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, item: str) -> int:
+        """Index of `item`, or -1 when unknown."""
+        return self.index.get(item, -1)
+
+
+@dataclass
+class IndexedSession:
+    items: np.ndarray  # (T,) int64 item indices
+    types: np.ndarray  # (T,) int64 event types
+
+
+def index_sessions(sessions: Iterable[Session], vocab: Vocabulary, min_length: int = 2) -> list[IndexedSession]:
+    """Map to indices, dropping events on unknown items, then sessions shorter than `min_length`."""
+    out = []
+    for s in sessions:
+        pairs = [(vocab.get(i), t) for i, t in zip(s.items, s.types)]
+        pairs = [(i, t) for i, t in pairs if i >= 0]
+        if len(pairs) >= min_length:
+            arr = np.asarray(pairs, dtype=np.int64)
+            out.append(IndexedSession(arr[:, 0].copy(), arr[:, 1].copy()))
+    return out

@@ -1,0 +1,221 @@
+"""The sequence recommender: config, module and the one batched `step`.
+
+The same `step` runs in the streaming worker and in the offline evaluator;
+`RecurrentRecommender.forward` is the full-sequence form used in training and
+is tested to agree with repeated `step` calls.
+
+Per-user recurrent state is one flat float vector per user (a row of a
+``(B, S)`` tensor), laid out as::
+
+    [h_1 .. h_L | c_1 .. c_L (LSTM only) | last W top-layer outputs | count]
+
+where the last two parts exist only when ``attention_window > 0``. A row of
+zeros is the state of a user who has seen nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.errors import ModelError
+
+CLICK, PURCHASE = 0, 1
+EVENT_TYPES = ("click", "purchase")  # index = event type id
+
+
+@dataclass
+class ModelConfig:
+    n_items: int  # size of the item vocabulary (rows of the item embedding)
+    n_event_types: int = 2  # click, purchase
+    embedding_dim: int = 64  # item embedding width E
+    hidden_dim: int = 128  # recurrent width H
+    num_layers: int = 1  # stacked recurrent layers L
+    cell: str = "lstm"  # "lstm" or "gru"
+    attention_window: int = 0  # W: attend over the last W outputs; 0 = off
+    dropout: float = 0.25  # on embeddings and recurrent outputs, training only
+    tie_weights: bool = True  # score items with the input item embedding
+    input_skip: bool = True  # add the current item's embedding to the query vector
+
+    def __post_init__(self) -> None:
+        if self.cell not in ("lstm", "gru"):
+            raise ModelError(f"config: cell must be 'lstm' or 'gru', got {self.cell!r}")
+        if self.n_items < 1 or self.hidden_dim < 1 or self.num_layers < 1:
+            raise ModelError("config: n_items, hidden_dim and num_layers must be positive")
+        if self.attention_window < 0:
+            raise ModelError("config: attention_window must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def state_size(self) -> int:
+        """Length S of one user's flat state vector."""
+        per_layer = 2 if self.cell == "lstm" else 1
+        size = per_layer * self.num_layers * self.hidden_dim
+        if self.attention_window:
+            size += self.attention_window * self.hidden_dim + 1
+        return size
+
+
+class RecurrentRecommender(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.item_emb = nn.Embedding(c.n_items, c.embedding_dim)
+        self.type_emb = nn.Embedding(c.n_event_types, c.embedding_dim)
+        rnn_cls = nn.LSTM if c.cell == "lstm" else nn.GRU
+        self.rnn = rnn_cls(
+            c.embedding_dim,
+            c.hidden_dim,
+            num_layers=c.num_layers,
+            dropout=c.dropout if c.num_layers > 1 else 0.0,
+        )
+        self.drop = nn.Dropout(c.dropout)
+        if c.attention_window:
+            self.att_q = nn.Linear(c.hidden_dim, c.hidden_dim, bias=False)
+            self.att_k = nn.Linear(c.hidden_dim, c.hidden_dim, bias=False)
+            self.att_out = nn.Linear(c.hidden_dim, c.hidden_dim)
+        self.proj = nn.Linear(c.hidden_dim, c.embedding_dim)
+        if not c.tie_weights:
+            self.out_emb = nn.Embedding(c.n_items, c.embedding_dim)
+        self.item_bias = nn.Parameter(torch.zeros(c.n_items))
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        nn.init.normal_(self.type_emb.weight, std=0.05)
+
+    # -- pieces shared by forward and step -------------------------------
+    def embed(self, items: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.item_emb(items) + self.type_emb(types))  # (..., E)
+
+    def output_embedding(self) -> torch.Tensor:
+        return (self.item_emb if self.config.tie_weights else self.out_emb).weight  # (V, E)
+
+    def query(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Recurrent outputs (..., H) and input embeddings (..., E) -> query vectors (..., E)."""
+        q = self.proj(self.drop(out))
+        return q + x if self.config.input_skip else q
+
+    def score(self, queries: torch.Tensor) -> torch.Tensor:
+        """Scores for every item: queries (..., E) -> (..., V)."""
+        return queries @ self.output_embedding().T + self.item_bias
+
+    def _attend(self, q_src: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q_src (N, H), keys (N, W, H), mask (N, W) True = usable -> (N, H)."""
+        q = self.att_q(q_src).unsqueeze(1)  # (N, 1, H)
+        k = self.att_k(keys)  # (N, W, H)
+        logits = (q * k).sum(-1) / math.sqrt(self.config.hidden_dim)  # (N, W)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(logits, dim=-1).unsqueeze(-1)  # (N, W, 1)
+        return q_src + self.att_out((weights * keys).sum(1))
+
+    # -- full sequences (training) ----------------------------------------
+    def forward(
+        self,
+        items: torch.Tensor,
+        types: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """items, types (B, T) from a fresh state -> (queries (B, T, E), loss).
+
+        With ``targets`` (B, T; -1 = ignore) the loss is full-softmax cross-entropy.
+        Positions after a sequence's end may hold any item; they do not affect
+        earlier positions.
+        """
+        x = self.embed(items, types)  # (B, T, E)
+        out, _ = self.rnn(x.transpose(0, 1))  # (T, B, H)
+        out = out.transpose(0, 1)  # (B, T, H)
+        if self.config.attention_window:
+            out = self._attend_sequence(out)
+        queries = self.query(out, x)  # (B, T, E)
+        loss = None
+        if targets is not None:
+            logits = self.score(queries)  # (B, T, V)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return queries, loss
+
+    def _attend_sequence(self, out: torch.Tensor) -> torch.Tensor:
+        W = self.config.attention_window
+        B, T, H = out.shape
+        padded = F.pad(out, (0, 0, W - 1, 0))  # (B, T+W-1, H)
+        keys = padded.unfold(1, W, 1).permute(0, 1, 3, 2)  # (B, T, W, H)
+        pos = torch.arange(T, device=out.device).unsqueeze(1) + torch.arange(W, device=out.device) - (W - 1)
+        mask = (pos >= 0).unsqueeze(0).expand(B, T, W)  # (B, T, W)
+        res = self._attend(out.reshape(B * T, H), keys.reshape(B * T, W, H), mask.reshape(B * T, W))
+        return res.reshape(B, T, H)
+
+
+def init_state(config: ModelConfig, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Fresh (all-zero) states for `batch` users: (B, S)."""
+    return torch.zeros(batch, config.state_size, device=device)
+
+
+def _unpack(config: ModelConfig, state: torch.Tensor):
+    L, H, W = config.num_layers, config.hidden_dim, config.attention_window
+    B = state.size(0)
+    off = L * H
+    h = state[:, :off].reshape(B, L, H).transpose(0, 1).contiguous()  # (L, B, H)
+    c = None
+    if config.cell == "lstm":
+        c = state[:, off : 2 * off].reshape(B, L, H).transpose(0, 1).contiguous()
+        off *= 2
+    ring = count = None
+    if W:
+        ring = state[:, off : off + W * H].reshape(B, W, H)  # oldest first
+        count = state[:, off + W * H]  # (B,)
+    return h, c, ring, count
+
+
+def _pack(h, c, ring, count) -> torch.Tensor:
+    B = h.size(1)
+    parts = [h.transpose(0, 1).reshape(B, -1)]
+    if c is not None:
+        parts.append(c.transpose(0, 1).reshape(B, -1))
+    if ring is not None:
+        parts += [ring.reshape(B, -1), count.unsqueeze(1)]
+    return torch.cat(parts, dim=1)
+
+
+def advance(
+    model: RecurrentRecommender, state: torch.Tensor, items: torch.Tensor, event_types: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recurrent step without scoring: -> (new_state (B, S), queries (B, E))."""
+    cfg = model.config
+    h, c, ring, count = _unpack(cfg, state)
+    x = model.embed(items, event_types)  # (B, E)
+    if cfg.cell == "lstm":
+        out, (h, c) = model.rnn(x.unsqueeze(0), (h, c))
+    else:
+        out, h = model.rnn(x.unsqueeze(0), h)
+    out = out[0]  # (B, H)
+    if cfg.attention_window:
+        W = cfg.attention_window
+        ring = torch.cat([ring[:, 1:], out.unsqueeze(1)], dim=1)  # (B, W, H)
+        count = torch.clamp(count + 1, max=W)
+        mask = torch.arange(W, device=state.device).unsqueeze(0) >= (W - count).unsqueeze(1)
+        out = model._attend(out, ring, mask)
+    return _pack(h, c, ring, count), model.query(out, x)
+
+
+def step(
+    model: RecurrentRecommender, state: torch.Tensor, items: torch.Tensor, event_types: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batched online step: state (B, S), items (B,), event_types (B,)
+    -> (new_state (B, S), scores (B, V)). Rows of zeros in `state` are new users.
+    Both results are inference tensors: clone them before editing in place."""
+    with torch.inference_mode():
+        new_state, queries = advance(model, state, items, event_types)
+        return new_state, model.score(queries)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)

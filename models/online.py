@@ -1,0 +1,270 @@
+"""The online side of the core: per-user state records and the batched update.
+
+`OnlineRecommender.process` takes the stored states of the users in a batch and the
+batch's events (in offset order) and returns new states and one recommendation per
+event. It never touches Kafka; the worker decodes, calls it, and writes back.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.artifacts import Artifact
+from models.events import Event
+from models.lstm import PURCHASE, advance, init_state
+
+_MAGIC = b"R1"
+_HEADER = struct.Struct("<2sI")  # magic, header length
+
+
+@dataclass
+class UserState:
+    """What recur remembers about one user."""
+
+    model_version: str  # version of the model that produced `vector`
+    last_offset: int  # input offset of the last event applied (-1 = none)
+    vector: np.ndarray  # (S,) float16 recurrent state
+    recent_items: list[str] = field(default_factory=list)  # last N items, oldest first
+    recent_types: list[int] = field(default_factory=list)
+    last_recs: list[str] = field(default_factory=list)  # the last list sent to this user
+    last_strategy: str = ""
+
+    def encode(self) -> bytes:
+        header = json.dumps(
+            {
+                "v": self.model_version,
+                "o": self.last_offset,
+                "i": self.recent_items,
+                "t": self.recent_types,
+                "r": self.last_recs,
+                "s": self.last_strategy,
+            },
+            separators=(",", ":"),
+        ).encode()
+        return _HEADER.pack(_MAGIC, len(header)) + header + self.vector.astype(np.float16).tobytes()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> UserState:
+        magic, n = _HEADER.unpack_from(raw)
+        if magic != _MAGIC:
+            raise ValueError("state record has an unknown format")
+        h = json.loads(raw[_HEADER.size : _HEADER.size + n])
+        vector = np.frombuffer(raw[_HEADER.size + n :], dtype=np.float16).copy()
+        return cls(h["v"], h["o"], vector, h["i"], h["t"], h["r"], h["s"])
+
+
+@dataclass
+class InputEvent:
+    event: Event
+    partition: int
+    offset: int
+
+    @property
+    def event_id(self) -> str:
+        return self.event.event_id or f"{self.partition}-{self.offset}"
+
+
+@dataclass
+class Recommendation:
+    user_id: str
+    event_id: str
+    items: list[tuple[str, float]]
+    strategy: str  # "lstm", "trending" or "repeat" (a re-sent list for an already applied event)
+    model_version: str
+    event_timestamp: int  # ms
+
+
+@dataclass
+class BatchStats:
+    applied: int = 0  # events that changed a user's state
+    duplicates: int = 0  # events at or below the user's last applied offset
+    unknown_items: int = 0  # events on items the model does not know
+    hits: int = 0  # events whose item was in the user's previous list
+    hit_opportunities: int = 0  # events of users who had a previous list
+    rewarmed: int = 0  # users whose state was rebuilt for a new model version
+    by_type: Counter = field(default_factory=Counter)
+
+
+class Trending:
+    """Item counts over the last `window` events: the cold-start recommendation."""
+
+    def __init__(self, window: int = 10_000) -> None:
+        self.window: deque[str] = deque()
+        self.size = window
+        self.counts: Counter[str] = Counter()
+
+    def add(self, item: str) -> None:
+        self.window.append(item)
+        self.counts[item] += 1
+        if len(self.window) > self.size:
+            old = self.window.popleft()
+            self.counts[old] -= 1
+            if not self.counts[old]:
+                del self.counts[old]
+
+    def top(self, k: int, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
+        ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [(item, float(n)) for item, n in ranked if item not in exclude][:k]
+
+
+@dataclass
+class OnlineConfig:
+    k: int = 20  # items per recommendation
+    recent_n: int = 50  # items and event types kept per user
+    exclude_purchased: bool = True  # never recommend what the user bought
+    exclude_current: bool = False  # do not recommend the item just viewed
+    trending_window: int = 10_000  # events counted for cold-start trending
+
+
+class OnlineRecommender:
+    def __init__(self, artifact: Artifact, config: OnlineConfig, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.trending = Trending(config.trending_window)
+        self.use(artifact)
+
+    def use(self, artifact: Artifact) -> None:
+        """Swap in a model; users on older versions are re-warmed on their next event."""
+        self.artifact = artifact
+        self.model = artifact.model.to(self.device).eval()
+        self.vocab = artifact.vocab
+        self.version = artifact.version
+
+    def _fresh(self) -> UserState:
+        return UserState(self.version, -1, np.zeros(self.model.config.state_size, dtype=np.float16))
+
+    def _replay(self, users: list[UserState]) -> None:
+        """Rebuild the recurrent state of `users` from their recent items, in one batch per position."""
+        seqs = [[(self.vocab.get(i), t) for i, t in zip(u.recent_items, u.recent_types)] for u in users]
+        seqs = [[(i, t) for i, t in s if i >= 0] for s in seqs]
+        state = init_state(self.model.config, len(users), self.device)
+        longest = max((len(s) for s in seqs), default=0)
+        for pos in range(longest):
+            rows = [r for r, s in enumerate(seqs) if pos < len(s)]
+            idx = torch.tensor(rows, device=self.device)
+            items = torch.tensor([seqs[r][pos][0] for r in rows], device=self.device)
+            types = torch.tensor([seqs[r][pos][1] for r in rows], device=self.device)
+            with torch.inference_mode():
+                new_rows, _ = advance(self.model, state[idx], items, types)
+            state[idx] = new_rows
+        vectors = state.to(torch.float16).cpu().numpy()
+        for u, vec in zip(users, vectors):
+            u.vector, u.model_version = vec, self.version
+
+    def process(
+        self, states: dict[str, UserState | None], events: list[InputEvent]
+    ) -> tuple[dict[str, UserState], list[Recommendation], BatchStats]:
+        """Apply `events` (offset order) to `states`; -> (changed states, recommendations, stats)."""
+        stats = BatchStats()
+        current = {u: (s if s is not None else self._fresh()) for u, s in states.items()}
+        stale = [s for s in current.values() if s.model_version != self.version and s.recent_items]
+        if stale:
+            self._replay(stale)
+            stats.rewarmed = len(stale)
+        for s in current.values():
+            s.model_version = self.version
+        # rounds: the r-th new event of every user in the batch, so each user's events apply in order
+        rounds: list[list[int]] = []
+        seen_per_user: Counter[str] = Counter()
+        recs: list[Recommendation | None] = [None] * len(events)
+        for n, ev in enumerate(events):
+            user = ev.event.user_id
+            st = current[user]
+            stats.by_type[ev.event.event_type] += 1
+            if ev.offset <= st.last_offset:
+                stats.duplicates += 1
+                recs[n] = self._repeat(ev, st)
+                continue
+            r = seen_per_user[user]
+            seen_per_user[user] += 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(n)
+        changed: dict[str, UserState] = {}
+        for members in rounds:
+            self._round(members, events, current, recs, stats)
+            for n in members:
+                changed[events[n].event.user_id] = current[events[n].event.user_id]
+        return changed, [r for r in recs if r is not None], stats
+
+    def _repeat(self, ev: InputEvent, st: UserState) -> Recommendation:
+        items = [(i, 0.0) for i in st.last_recs]
+        return Recommendation(ev.event.user_id, ev.event_id, items, "repeat", self.version, ev.event.timestamp_ms)
+
+    def _round(self, members, events, current, recs, stats) -> None:
+        cfg = self.config
+        known = []
+        for n in members:
+            ev = events[n]
+            st = current[ev.event.user_id]
+            if st.last_recs:
+                stats.hit_opportunities += 1
+                stats.hits += ev.event.item_id in st.last_recs
+            self.trending.add(ev.event.item_id)
+            st.recent_items = (st.recent_items + [ev.event.item_id])[-cfg.recent_n :]
+            st.recent_types = (st.recent_types + [ev.event.event_type])[-cfg.recent_n :]
+            st.last_offset = ev.offset
+            stats.applied += 1
+            idx = self.vocab.get(ev.event.item_id)
+            if idx < 0:
+                stats.unknown_items += 1
+            else:
+                known.append((n, idx))
+        if known:
+            rows = [current[events[n].event.user_id] for n, _ in known]
+            state = torch.from_numpy(np.stack([r.vector for r in rows])).to(self.device, torch.float32)
+            items = torch.tensor([i for _, i in known], device=self.device)
+            types = torch.tensor([events[n].event.event_type for n, _ in known], device=self.device)
+            with torch.inference_mode():
+                new_state, queries = advance(self.model, state, items, types)
+                scores = self.model.score(queries)  # (B, V)
+                self._mask(scores, [current[events[n].event.user_id] for n, _ in known], items)
+                k = min(cfg.k, scores.size(1))
+                top_scores, top_idx = torch.topk(scores, k, dim=1)
+            new_vectors = new_state.to(torch.float16).cpu().numpy()
+            top_scores, top_idx = top_scores.cpu().numpy(), top_idx.cpu().numpy()
+            for row, (n, _) in enumerate(known):
+                st = current[events[n].event.user_id]
+                st.vector = new_vectors[row]
+                items_out = [
+                    (self.vocab.items[j], round(float(s), 4))
+                    for j, s in zip(top_idx[row], top_scores[row])
+                    if s != float("-inf")
+                ]
+                recs[n] = self._emit(events[n], st, items_out, "lstm")
+        known_rows = {n for n, _ in known}
+        for n in members:
+            if n in known_rows:
+                continue
+            st = current[events[n].event.user_id]
+            if st.last_recs and st.last_strategy == "lstm":
+                items_out = [(i, 0.0) for i in st.last_recs]  # the model cannot use this item: keep the last list
+                recs[n] = self._emit(events[n], st, items_out, "lstm")
+            else:
+                recs[n] = self._emit(events[n], st, self.trending.top(cfg.k, self._excluded(st)), "trending")
+
+    def _excluded(self, st: UserState) -> set[str]:
+        if not self.config.exclude_purchased:
+            return set()
+        return {i for i, t in zip(st.recent_items, st.recent_types) if t == PURCHASE}
+
+    def _mask(self, scores: torch.Tensor, users: list[UserState], items: torch.Tensor) -> None:
+        if self.config.exclude_current:
+            scores[torch.arange(scores.size(0), device=scores.device), items] = float("-inf")
+        if self.config.exclude_purchased:
+            for row, st in enumerate(users):
+                bought = [self.vocab.get(i) for i in self._excluded(st)]
+                bought = [b for b in bought if b >= 0]
+                if bought:
+                    scores[row, bought] = float("-inf")
+
+    def _emit(self, ev: InputEvent, st: UserState, items: list[tuple[str, float]], strategy: str) -> Recommendation:
+        st.last_recs = [i for i, _ in items]
+        st.last_strategy = strategy
+        return Recommendation(ev.event.user_id, ev.event_id, items, strategy, self.version, ev.event.timestamp_ms)

@@ -1,0 +1,81 @@
+"""Synthetic click/purchase streams with structure a model can learn.
+
+A catalog with Zipf popularity split into categories; each user prefers a few
+categories; within a session the next item is usually the next one in the
+category's fixed browsing order (a learnable successor rule), sometimes a
+popular item of a preferred category; sessions end in a purchase of an item
+clicked in it with some probability. Sessions are separated by hours.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from models.events import Event
+from models.lstm import CLICK, PURCHASE
+
+
+@dataclass
+class SyntheticConfig:
+    n_events: int = 10_000  # total events
+    n_users: int = 500  # distinct users
+    n_items: int = 1_000  # catalog size
+    n_categories: int = 20  # item groups with their own browsing order
+    follow_rule: float = 0.7  # chance the next click follows the category's order
+    purchase_rate: float = 0.3  # chance a session ends in a purchase
+    session_length: int = 8  # mean clicks per session
+    start_ms: int = 1_700_000_000_000  # timestamp of the first event
+    seed: int = 7
+
+
+def item_id(n: int) -> str:
+    return f"item-{n:05d}"
+
+
+def catalog(cfg: SyntheticConfig) -> list[str]:
+    return [item_id(n) for n in range(cfg.n_items)]
+
+
+def generate(cfg: SyntheticConfig) -> list[Event]:
+    """`cfg.n_events` events over `cfg.n_users` users, ordered by timestamp."""
+    rng = random.Random(cfg.seed)
+    items = list(range(cfg.n_items))
+    cats = [items[c :: cfg.n_categories] for c in range(cfg.n_categories)]
+    for c in cats:
+        rng.shuffle(c)  # each category's browsing order
+    position = {i: (c, p) for c, order in enumerate(cats) for p, i in enumerate(order)}
+    weights = [1.0 / (1 + r) ** 0.8 for r in range(cfg.n_items)]  # Zipf-like popularity by item number
+    prefs = [rng.sample(range(cfg.n_categories), 2) for _ in range(cfg.n_users)]
+    per_user = max(1, cfg.n_events // cfg.n_users)
+    events: list[Event] = []
+    for u in range(cfg.n_users):
+        t = cfg.start_ms + rng.randrange(0, 3_600_000)
+        quota = per_user + (1 if u < cfg.n_events - per_user * cfg.n_users else 0)
+        s = 0
+        while quota > 0:
+            cat = rng.choice(prefs[u])
+            cur = rng.choices(cats[cat], weights=[weights[i] for i in cats[cat]])[0]
+            clicked = []
+            length = max(2, int(rng.expovariate(1 / cfg.session_length)) + 1)
+            for _ in range(min(length, quota)):
+                events.append(Event(f"user-{u:05d}", item_id(cur), CLICK, t, session_id=f"u{u}-s{s}"))
+                clicked.append(cur)
+                quota -= 1
+                t += rng.randrange(5_000, 90_000)
+                c, p = position[cur]
+                if rng.random() < cfg.follow_rule:
+                    cur = cats[c][(p + 1) % len(cats[c])]
+                else:
+                    pc = rng.choice(prefs[u])
+                    cur = rng.choices(cats[pc], weights=[weights[i] for i in cats[pc]])[0]
+            if quota > 0 and rng.random() < cfg.purchase_rate:
+                events.append(Event(f"user-{u:05d}", item_id(rng.choice(clicked)), PURCHASE, t, session_id=f"u{u}-s{s}"))
+                quota -= 1
+            t += rng.randrange(2 * 3_600_000, 30 * 3_600_000)
+            s += 1
+    events.sort(key=lambda e: (e.timestamp_ms, e.user_id))
+    return [
+        Event(e.user_id, e.item_id, e.event_type, e.timestamp_ms, event_id=f"e{n}", session_id=e.session_id)
+        for n, e in enumerate(events)
+    ]

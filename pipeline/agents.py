@@ -1,0 +1,98 @@
+"""The agent: decode a batch, call the core once, write state back, send recommendations."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from faust.types import EventT
+
+from models.errors import BadRecord
+from models.online import InputEvent, OnlineRecommender, UserState
+from pipeline.app import Streams
+from pipeline.config import Settings
+from pipeline.metrics import Metrics
+from pipeline.records import decode_event, dlq_headers, encode_recommendation
+
+log = logging.getLogger(__name__)
+
+
+class BatchHandler:
+    def __init__(self, streams: Streams, recommender: OnlineRecommender, metrics: Metrics, settings: Settings) -> None:
+        self.streams = streams
+        self.recommender = recommender
+        self.metrics = metrics
+        self.settings = settings
+
+    async def dead_letter(self, event: EventT, error: BadRecord) -> None:
+        msg = event.message
+        await self.streams.dlq.send(
+            key=msg.key, value=msg.value, headers=dlq_headers(msg.topic, msg.partition, msg.offset, error)
+        )
+        self.metrics.dead_letters.labels(error.reason).inc()
+        log.warning("dead letter: partition %d offset %d: %s", msg.partition, msg.offset, error)
+
+    async def handle(self, batch: list[EventT], bind: Callable[[EventT], None] = lambda e: None) -> None:
+        """Process one batch. `bind(event)` makes `event` faust's current event: the
+        RocksDB store files a table write under the current event's partition, and
+        inside take_events() there is none, so each user's write is bound to one of
+        that user's events (same key, same partition)."""
+        now_ms = int(time.time() * 1000)
+        valid: list[InputEvent] = []
+        source: dict[str, EventT] = {}
+        for event in batch:
+            msg = event.message
+            try:
+                decoded = decode_event(msg.key, msg.value, self.settings.max_record_bytes, now_ms)
+            except BadRecord as error:
+                await self.dead_letter(event, error)
+                continue
+            valid.append(InputEvent(decoded, msg.partition, msg.offset))
+            source[decoded.user_id] = event
+        if not valid:
+            return
+        table = self.streams.state
+        keys = {e.event.user_id for e in valid}
+        states = {}
+        for user in keys:
+            raw = table.get(user.encode())
+            states[user] = UserState.decode(raw) if raw is not None else None
+        started = time.perf_counter()
+        changed, recs, stats = self.recommender.process(states, valid)
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        for user, state in changed.items():
+            bind(source[user])
+            table[user.encode()] = state.encode()
+        sent_ms = int(time.time() * 1000)
+        for rec in recs:
+            key, value = encode_recommendation(rec, sent_ms)
+            await self.streams.recommendations.send(key=key, value=value)
+            self.metrics.recommendations.labels(rec.strategy).inc()
+            self.metrics.e2e_seconds.observe(max(0.0, (sent_ms - rec.event_timestamp) / 1000.0))
+        m = self.metrics
+        m.batch_size.observe(len(valid))
+        for etype, n in stats.by_type.items():
+            m.events.labels("purchase" if etype else "click").inc(n)
+        m.duplicates.inc(stats.duplicates)
+        m.unknown_items.inc(stats.unknown_items)
+        m.hits.inc(stats.hits)
+        m.hit_opportunities.inc(stats.hit_opportunities)
+        m.rewarmed.inc(stats.rewarmed)
+        m.users.set(len(table))
+
+
+def register(streams: Streams, handler: BatchHandler, settings: Settings) -> None:
+    @streams.app.agent(streams.events, name="recommend")
+    async def recommend(stream):  # noqa: ANN001 - faust passes a StreamT
+        async for batch in stream.take_events(settings.max_batch, within=settings.max_wait):
+            try:
+                await handler.handle(batch, bind=stream._set_current_event)
+            except Exception:
+                # take_events() acks the batch in a `finally` when the body raises, and
+                # faust would restart the agent: the batch would be lost. A bug must
+                # crash loudly instead, before anything is acked, so it is re-delivered.
+                log.critical("worker: unexpected error in a batch; exiting without committing it", exc_info=True)
+                logging.shutdown()
+                os._exit(70)

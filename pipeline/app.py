@@ -1,0 +1,74 @@
+"""The Faust app: topics, the per-user state table and worker settings.
+
+    recur worker            # run it (see pipeline/cli.py)
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+import faust
+
+from pipeline.config import Settings
+
+
+@dataclass
+class Streams:
+    app: faust.App
+    events: faust.TopicT
+    recommendations: faust.TopicT
+    dlq: faust.TopicT
+    state: faust.Table
+
+
+def _credentials(settings: Settings):
+    if settings.security_protocol == "PLAINTEXT":
+        return None
+    context = ssl.create_default_context(cafile=settings.ssl_cafile or None)
+    if settings.security_protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(
+        username=settings.sasl_username,
+        password=settings.sasl_password,
+        mechanism=settings.sasl_mechanism,
+        ssl_context=context if settings.security_protocol == "SASL_SSL" else None,
+    )
+
+
+def create_app(settings: Settings) -> Streams:
+    store = "memory://" if settings.store == "memory" else "rocksdb://"
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.bootstrap_servers}",
+        broker_credentials=_credentials(settings),
+        store=store,
+        datadir=str(settings.var_path / "faust"),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        processing_guarantee="at_least_once",  # exactly_once has open bugs; state updates are idempotent
+        producer_acks=-1,  # wait for the broker's acknowledgement
+        consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=max(4096, settings.max_batch * 2),
+        web_bind="127.0.0.1",
+        web_host="127.0.0.1",
+        web_port=settings.web_port,
+        web_tables_enabled=False,  # never serve table contents
+        web_router_enabled=False,
+        web_graph_enabled=False,
+        topic_allow_declare=True,
+        logging_config=None,
+    )
+    events = app.topic(settings.events_topic, key_serializer="raw", value_serializer="raw",
+                       partitions=settings.partitions)
+    recs = app.topic(settings.recommendations_topic, key_serializer="raw", value_serializer="raw",
+                     partitions=settings.partitions)
+    dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
+    state = app.Table(
+        "user-state",
+        key_type=bytes,  # bytes key and value: the table stores them raw
+        value_type=bytes,
+        partitions=settings.partitions,
+        use_partitioner=True,  # writes inside take() go to the key's partition
+    )
+    return Streams(app, events, recs, dlq, state)

@@ -1,0 +1,262 @@
+"""recur: the one command-line entry point.
+
+    recur kafka start | stop | status      local single-node Kafka (KRaft)
+    recur topics create                    events, recommendations, events-dlq
+    recur worker                           the streaming worker (Faust)
+    recur produce --synthetic N            publish synthetic events
+    recur produce --file PATH --format jsonl|session-tsv
+    recur consume --max N --timeout S      print recommendations as JSON lines
+    recur train --data PATH --format session-tsv|jsonl|parquet [--out var/models] [--publish]
+    recur evaluate --model DIR --data PATH --format session-tsv --k 20 --json
+    recur evaluate --baseline pop|sr|sknn --train PATH --data PATH --format session-tsv --json
+    recur model ls | publish VERSION       the model registry
+    recur demo                             broker, topics, model, worker, events, recommendations
+    recur config                           print the effective settings
+
+Every setting is also a RECUR_* environment variable (see `recur config` and README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from models.errors import RecurError
+from pipeline.config import Settings, load_settings
+
+log = logging.getLogger("recur")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}
+    return load_settings(os.environ, overrides)
+
+
+# -- commands -----------------------------------------------------------------
+def cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(_settings(args).public(), indent=2))
+    return 0
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.local:
+        print(f"RECUR_BOOTSTRAP is set: using the broker at {settings.bootstrap}; nothing to {args.action}")
+        return 0
+    from pipeline.kafka_local import LocalKafka
+
+    broker = LocalKafka(settings)
+    if args.action == "start":
+        print(broker.start())
+    elif args.action == "stop":
+        print(broker.stop())
+    else:
+        line = broker.status()
+        print(line)
+        return 0 if line.startswith("kafka running") else 3
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from pipeline.clients import create_topics
+
+    settings = _settings(args)
+    created = create_topics(settings)
+    names = (settings.events_topic, settings.recommendations_topic, settings.dlq_topic)
+    for name in names:
+        state = "created" if name in created else "exists"
+        print(f"{name}: {state} ({settings.partitions} partitions)" if state == "created" else f"{name}: {state}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.worker import run_worker
+
+    run_worker(_settings(args))
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pipeline.clients import file_events, produce_events, shift_to_now
+
+    settings = _settings(args)
+    if args.synthetic:
+        from models.synthetic import SyntheticConfig, generate
+
+        events = generate(SyntheticConfig(n_events=args.synthetic, n_users=args.users, n_items=args.items, seed=args.seed))
+        events = shift_to_now(events)
+    else:
+        if not args.format:
+            raise SystemExit("recur produce: --file needs --format jsonl|session-tsv")
+        events = file_events(args.file, args.format)
+        if args.now:
+            events = shift_to_now(events)
+    if args.limit:
+        events = events[: args.limit]
+    with tqdm(total=len(events), unit="ev", desc="produce", disable=True if args.quiet else None, file=sys.stderr) as bar:
+        n = produce_events(settings, events, progress=bar.update)
+    print(f"produced {n} events to {settings.events_topic}")
+    return 0
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from pipeline.clients import as_json_line, consume
+
+    settings = _settings(args)
+    topic = args.topic or settings.recommendations_topic
+    n = 0
+    for _key, value, _headers in consume(settings, topic, args.max, args.timeout, not args.latest):
+        print(as_json_line(value), flush=True)
+        n += 1
+    print(f"consumed {n} records from {topic}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.offline import train_command
+
+    return train_command(args, _settings(args))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.offline import evaluate_command
+
+    return evaluate_command(args)
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from models.artifacts import current_version, publish_version
+
+    settings = _settings(args)
+    registry = settings.models_path
+    if args.action == "publish":
+        publish_version(registry, args.version)
+        print(f"{registry}: CURRENT -> {args.version}")
+        return 0
+    current = current_version(registry)
+    versions = sorted(p.name for p in registry.glob("v*") if (p / "meta.json").exists()) if registry.exists() else []
+    if not versions:
+        print(f"{registry}: no models yet; run `recur train`")
+    for v in versions:
+        meta = json.loads((registry / v / "meta.json").read_text())
+        val = meta.get("validation", {})
+        mark = "*" if v == current else " "
+        print(f"{mark} {v}  items={meta.get('n_items')}  recall@20={val.get('recall@20', float('nan')):.4f}"
+              f"  mrr@20={val.get('mrr@20', float('nan')):.4f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(_settings(args), args.events)
+
+
+# -- parser -------------------------------------------------------------------
+def _broker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", help="existing broker host:port (default: the local broker; env RECUR_BOOTSTRAP)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recur", description="Streaming LSTM recommender on Kafka.")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the effective settings")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("kafka", help="the local single-node Kafka")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.set_defaults(func=cmd_kafka)
+
+    p = sub.add_parser("topics", help="create the topics")
+    p.add_argument("action", choices=["create"])
+    p.add_argument("--partitions", type=int, help="partitions per topic (default 4)")
+    _broker_flags(p)
+    p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("worker", help="run the streaming worker")
+    _broker_flags(p)
+    p.add_argument("--store", choices=["rocksdb", "memory"], help="table store (default rocksdb)")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--max-batch", type=int, help="events per batch at most (default 1024)")
+    p.add_argument("--max-wait", type=float, help="seconds to fill a batch (default 0.05)")
+    p.add_argument("--metrics-port", type=int, help="prometheus port on 127.0.0.1, 0 = off (default 9464)")
+    p.add_argument("--web-port", type=int, help="faust web port on 127.0.0.1 (default 6066)")
+    p.add_argument("--models-dir", help="model registry (default var/models)")
+    p.add_argument("--k", type=int, help="items per recommendation (default 20)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("produce", help="publish events")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic events")
+    src.add_argument("--file", metavar="PATH", help="a jsonl or session-tsv file")
+    p.add_argument("--format", choices=["jsonl", "session-tsv"], help="format of --file")
+    p.add_argument("--users", type=int, default=500, help="synthetic users (default 500)")
+    p.add_argument("--items", type=int, default=1000, help="synthetic catalog size (default 1000)")
+    p.add_argument("--seed", type=int, default=7, help="synthetic seed (default 7)")
+    p.add_argument("--limit", type=int, help="publish at most this many events")
+    p.add_argument("--now", action="store_true", help="shift file timestamps so the last event is now")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _broker_flags(p)
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("consume", help="print recommendations as JSON lines")
+    p.add_argument("--max", type=int, default=0, help="stop after N records (default: no limit)")
+    p.add_argument("--timeout", type=float, default=10.0, help="stop after S seconds without a record (default 10)")
+    p.add_argument("--topic", help="topic (default: the recommendations topic)")
+    p.add_argument("--latest", action="store_true", help="only records that arrive from now on")
+    _broker_flags(p)
+    p.set_defaults(func=cmd_consume)
+
+    from pipeline.offline import add_evaluate_args, add_train_args
+
+    p = sub.add_parser("train", help="train a model and store it in the registry")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="next-event evaluation of a model or a baseline")
+    add_evaluate_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("model", help="the model registry")
+    p.add_argument("action", choices=["ls", "publish"])
+    p.add_argument("version", nargs="?", help="version to publish")
+    p.add_argument("--models-dir", help="model registry (default var/models)")
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("demo", help="run the whole path end to end on synthetic events")
+    p.add_argument("--events", type=int, default=3000, help="synthetic events to stream (default 3000)")
+    _broker_flags(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        level = _settings(args).log_level
+    except RecurError as e:
+        print(f"recur: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("kafka", "aiokafka"):  # client chatter at INFO; their warnings still show
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        return args.func(args)
+    except RecurError as e:
+        print(f"recur: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

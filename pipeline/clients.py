@@ -1,0 +1,169 @@
+"""kafka-python clients for the CLI: topic creation, producing files or synthetic
+events, consuming recommendations."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from models.data import read_sessions
+from models.errors import BrokerError
+from models.events import Event
+from pipeline.config import Settings
+from pipeline.records import encode_event
+
+log = logging.getLogger(__name__)
+
+
+def _common(settings: Settings) -> dict:
+    return {"bootstrap_servers": settings.bootstrap_servers, **settings.kafka_python_security()}
+
+
+def admin(settings: Settings) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(**_common(settings), request_timeout_ms=15000)
+    except KafkaError:
+        raise BrokerError(f"kafka: no broker answers at {settings.bootstrap_servers}; run `recur kafka start`") from None
+
+
+def create_topics(settings: Settings) -> list[str]:
+    """Create the events, recommendations and dead-letter topics; -> names newly created."""
+    client = admin(settings)
+    created = []
+    try:
+        existing = set(client.list_topics())
+        for name in (settings.events_topic, settings.recommendations_topic, settings.dlq_topic):
+            if name in existing:
+                continue
+            try:
+                client.create_topics([NewTopic(name, settings.partitions, 1)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        client.close()
+    return created
+
+
+def producer(settings: Settings) -> KafkaProducer:
+    try:
+        return KafkaProducer(**_common(settings), acks="all", linger_ms=5, enable_idempotence=True,
+                             batch_size=256 * 1024)
+    except KafkaError:
+        raise BrokerError(f"kafka: no broker answers at {settings.bootstrap_servers}; run `recur kafka start`") from None
+
+
+def produce_events(
+    settings: Settings, events: Iterable[Event], progress: Callable[[int], None] | None = None
+) -> int:
+    """Publish events keyed by user id; waits for every acknowledgement. -> count."""
+    prod = producer(settings)
+    n = 0
+    try:
+        for n, event in enumerate(events, start=1):
+            key, value = encode_event(event)
+            prod.send(settings.events_topic, key=key, value=value)
+            if progress and n % 1000 == 0:
+                progress(1000)
+        prod.flush()
+        if progress:
+            progress(n % 1000)
+    except KafkaError as e:
+        raise BrokerError(f"produce: the broker refused records ({type(e).__name__})") from None
+    finally:
+        prod.close()
+    return n
+
+
+def produce_raw(settings: Settings, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:
+    """Publish raw (key, value) records as they are (tests, replays). -> count."""
+    prod = producer(settings)
+    n = 0
+    try:
+        for key, value in records:
+            prod.send(settings.events_topic, key=key, value=value)
+            n += 1
+        prod.flush()
+    finally:
+        prod.close()
+    return n
+
+
+def file_events(path: str, fmt: str) -> list[Event]:
+    """Events of a session-tsv or jsonl file, in time order (session ids become user ids for session-tsv)."""
+    events = []
+    for s in read_sessions(path, fmt):
+        for item, etype, t in zip(s.items, s.types, s.times):
+            user = s.key.split("#")[0] if fmt == "jsonl" else s.key
+            events.append(Event(user, item, etype, int(t * 1000), session_id=None if fmt == "jsonl" else s.key))
+    events.sort(key=lambda e: e.timestamp_ms)
+    return events
+
+
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """partition -> current end offset of `topic`."""
+    consumer = KafkaConsumer(**_common(settings), group_id=None, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or ())]
+        return {tp.partition: off for tp, off in consumer.end_offsets(parts).items()}
+    finally:
+        consumer.close()
+
+
+def consume(
+    settings: Settings,
+    topic: str,
+    max_records: int,
+    timeout_s: float,
+    from_beginning: bool = True,
+    start_offsets: dict[int, int] | None = None,
+) -> Iterator[tuple[bytes | None, bytes, list]]:
+    """Yield (key, value, headers) from `topic` until `max_records` or `timeout_s` without
+    a record; from `start_offsets` (partition -> offset) when given."""
+    try:
+        consumer = KafkaConsumer(
+            **_common(settings),
+            group_id=None,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            enable_auto_commit=False,
+            consumer_timeout_ms=int(timeout_s * 1000),
+        )
+    except KafkaError:
+        raise BrokerError(f"kafka: no broker answers at {settings.bootstrap_servers}; run `recur kafka start`") from None
+    if start_offsets is not None:
+        parts = [TopicPartition(topic, p) for p in sorted(start_offsets)]
+        consumer.assign(parts)
+        for tp in parts:
+            consumer.seek(tp, start_offsets[tp.partition])
+    else:
+        consumer.subscribe([topic])
+    n = 0
+    try:
+        for record in consumer:
+            yield record.key, record.value, record.headers
+            n += 1
+            if max_records and n >= max_records:
+                return
+    finally:
+        consumer.close()
+
+
+def shift_to_now(events: list[Event]) -> list[Event]:
+    """Move timestamps so the last event is now (keeps gaps; makes latency metrics meaningful)."""
+    if not events:
+        return events
+    delta = int(time.time() * 1000) - max(e.timestamp_ms for e in events)
+    return [Event(e.user_id, e.item_id, e.event_type, e.timestamp_ms + delta, e.event_id, e.session_id) for e in events]
+
+
+def as_json_line(value: bytes) -> str:
+    try:
+        return json.dumps(json.loads(value))
+    except ValueError:
+        return json.dumps({"undecodable_bytes": len(value)})

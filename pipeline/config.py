@@ -1,0 +1,143 @@
+"""The one typed configuration of recur.
+
+Read once at the entry point (`pipeline/cli.py`) from `RECUR_*` environment
+variables and command-line flags (flags win), then passed down. Nothing else
+reads the environment. `recur config` prints the effective values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from models.errors import ConfigError
+
+ENV_PREFIX = "RECUR_"
+
+
+@dataclass
+class Settings:
+    # -- broker ---------------------------------------------------------
+    bootstrap: str = ""  # existing broker "host:port"; empty = the local broker recur manages
+    kafka_port: int = 19092  # local broker's client port (controller uses port + 1)
+    kafka_heap: str = "512m"  # local broker's JVM heap
+    var_dir: str = "var"  # local data: broker logs, faust tables, model registry
+    cache_dir: str = "~/.cache/recur"  # downloaded broker jars (outside git)
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+    sasl_mechanism: str = "PLAIN"  # PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+    sasl_username: str = ""  # with SASL_*; pass through the environment, never in code
+    sasl_password: str = ""  # with SASL_*; pass through the environment, never in code
+    ssl_cafile: str = ""  # CA bundle for SSL / SASL_SSL
+    # -- topics -----------------------------------------------------------
+    events_topic: str = "events"  # input events, keyed by user id
+    recommendations_topic: str = "recommendations"  # output, keyed by user id
+    dlq_topic: str = "events-dlq"  # records that could not be processed
+    partitions: int = 4  # partitions of the three topics
+    # -- worker -----------------------------------------------------------
+    app_id: str = "recur"  # faust app id = consumer group and table prefix
+    store: str = "rocksdb"  # table store: rocksdb (durable) or memory
+    models_dir: str = ""  # model registry; empty = <var_dir>/models
+    device: str = "auto"  # auto, cpu or cuda[:N]
+    k: int = 20  # items per recommendation
+    recent_n: int = 50  # recent items kept per user
+    exclude_purchased: bool = True  # never recommend items the user bought
+    exclude_current: bool = False  # never recommend the item just viewed
+    trending_window: int = 10000  # events counted for cold-start trending items
+    max_batch: int = 1024  # events per batched step at most
+    max_wait: float = 0.05  # seconds to wait for a batch to fill
+    max_record_bytes: int = 16384  # larger input records go to the dead-letter topic
+    metrics_port: int = 9464  # prometheus /metrics; 0 = off
+    metrics_host: str = "127.0.0.1"  # interface for /metrics; 0.0.0.0 only inside a private network
+    web_port: int = 6066  # faust's web server, bound to 127.0.0.1
+    log_level: str = "info"  # debug, info, warning or error
+
+    @property
+    def local(self) -> bool:
+        """True when recur manages its own broker."""
+        return not self.bootstrap
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def var_path(self) -> Path:
+        return Path(self.var_dir).expanduser()
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models_dir).expanduser() if self.models_dir else self.var_path / "models"
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
+
+    def kafka_python_security(self) -> dict[str, Any]:
+        """Security options in kafka-python's spelling."""
+        out: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            out.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        if self.ssl_cafile:
+            out["ssl_cafile"] = self.ssl_cafile
+        return out
+
+    def public(self) -> dict[str, Any]:
+        """Values safe to print: secrets masked."""
+        out = dataclasses.asdict(self)
+        if out["sasl_password"]:
+            out["sasl_password"] = "***"
+        return out
+
+
+def _convert(name: str, kind: type, raw: Any) -> Any:
+    if isinstance(raw, kind):
+        return raw
+    text = str(raw).strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"config: {name} must be a {kind.__name__}, got {text!r}") from None
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def load_settings(env: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Defaults, then RECUR_* variables, then `overrides` (None values are ignored)."""
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        kind = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+        key = ENV_PREFIX + f.name.upper()
+        if key in env:
+            values[f.name] = _convert(key, kind, env[key])
+        if overrides and overrides.get(f.name) is not None:
+            values[f.name] = _convert(f"--{f.name.replace('_', '-')}", kind, overrides[f.name])
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if s.store not in ("rocksdb", "memory"):
+        raise ConfigError(f"config: store must be rocksdb or memory, got {s.store!r}")
+    if s.partitions < 1 or s.k < 1 or s.max_batch < 1 or s.recent_n < 1:
+        raise ConfigError("config: partitions, k, max_batch and recent_n must be >= 1")
+    if s.max_wait <= 0:
+        raise ConfigError("config: max_wait must be > 0 seconds")
+    if s.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+        raise ConfigError(f"config: unknown security_protocol {s.security_protocol!r}")
+    if s.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"config: log_level must be debug, info, warning or error, got {s.log_level!r}")

@@ -1,0 +1,235 @@
+"""A local single-node Kafka (KRaft, broker + controller) for development, demos and tests.
+
+    recur kafka start | stop | status
+
+Jars: Apache Kafka 3.9.2 resolved by Maven from `deploy/kafka/pom.xml` into
+<cache_dir>/kafka-3.9.2/. Data, config, log and pid under <var_dir>/kafka/.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from models.errors import BrokerError
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+
+KAFKA_VERSION = "3.9.2"
+POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
+HINT = "or point recur at an existing broker: RECUR_BOOTSTRAP=host:port (e.g. after `docker compose up kafka`)"
+
+
+class LocalKafka:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = settings.kafka_port
+        self.controller_port = settings.kafka_port + 1
+        self.jars = settings.cache_path / f"kafka-{KAFKA_VERSION}"
+        self.home = settings.var_path / "kafka"
+        self.data = self.home / "data"
+        self.pid_file = self.home / "kafka.pid"
+        self.log_file = self.home / "server.log"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    # -- assembling --------------------------------------------------------
+    def ensure_jars(self) -> None:
+        """Resolve the broker jars with Maven once; later calls reuse the cache."""
+        if (self.jars / ".complete").exists():
+            return
+        if not shutil.which("java"):
+            raise BrokerError(f"kafka: Java (17+) is not installed: install a JDK, {HINT}")
+        if not shutil.which("mvn"):
+            raise BrokerError(f"kafka: Maven is not installed (needed once to fetch Kafka jars): install it, {HINT}")
+        if not POM.exists():
+            raise BrokerError(f"kafka: {POM} is missing; run recur from its source checkout, {HINT}")
+        log.info("kafka: resolving Apache Kafka %s jars with Maven into %s (first time only)", KAFKA_VERSION, self.jars)
+        self.jars.mkdir(parents=True, exist_ok=True)
+        cmd = ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+               "-DincludeScope=runtime", f"-DoutputDirectory={self.jars}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+            raise BrokerError("kafka: Maven could not resolve the Kafka jars: " + " | ".join(tail))
+        (self.jars / ".complete").write_text(KAFKA_VERSION + "\n")
+
+    def _java(self, main: str, *args: str, heap: str = "256m") -> list[str]:
+        if not shutil.which("java"):
+            raise BrokerError(f"kafka: Java (17+) is not installed: install a JDK, {HINT}")
+        return ["java", f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j.configuration=file:{self.home / 'log4j.properties'}",
+                "-cp", f"{self.jars}/*", main, *args]
+
+    def _write_config(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        props = self.home / "server.properties"
+        props.write_text(
+            "\n".join([
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"log.dirs={self.data.resolve()}",
+                f"num.partitions={self.settings.partitions}",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=4",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "log.retention.hours=168",
+                "",
+            ])
+        )
+        (self.home / "log4j.properties").write_text(
+            "\n".join([
+                "log4j.rootLogger=WARN, file",
+                "log4j.appender.file=org.apache.log4j.FileAppender",
+                f"log4j.appender.file.File={self.log_file.resolve()}",
+                "log4j.appender.file.layout=org.apache.log4j.PatternLayout",
+                "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n",
+                "log4j.logger.kafka=WARN",
+                "log4j.logger.org.apache.kafka=WARN",
+                "",
+            ])
+        )
+        return props
+
+    def _format(self, props: Path) -> None:
+        if (self.data / "meta.properties").exists():
+            return
+        cluster_id = uuid.uuid4().bytes
+        import base64
+
+        cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
+        proc = subprocess.run(
+            self._java("kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props)),
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise BrokerError("kafka: formatting the log dir failed: " + proc.stderr.strip()[-300:])
+
+    # -- running -----------------------------------------------------------
+    def pid(self) -> int | None:
+        """The broker's pid if our pid file names a live java process."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if cmdline.exists() and b"kafka.Kafka" not in cmdline.read_bytes():
+            return None
+        return pid
+
+    def _port_open(self) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def answers(self, timeout: float = 5.0) -> bool:
+        """True when the broker answers a metadata request."""
+        from kafka import KafkaAdminClient
+
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=int(timeout * 1000))
+        except Exception:  # kafka-python raises NoBrokersAvailable and friends
+            return False
+        try:
+            admin.list_topics()
+            return True
+        except Exception:
+            return False
+        finally:
+            admin.close()
+
+    def start(self, timeout: float = 90.0) -> str:
+        """Start the broker unless it runs already; wait until it answers. Returns a status line."""
+        if self.pid() is not None and self.answers():
+            return f"kafka already running at {self.bootstrap} (pid {self.pid()})"
+        if self.pid() is None and self._port_open():
+            raise BrokerError(f"kafka: port {self.port} is taken by another process; set RECUR_KAFKA_PORT, {HINT}")
+        self.ensure_jars()
+        props = self._write_config()
+        self._format(props)
+        out = (self.home / "kafka.out").open("ab")
+        proc = subprocess.Popen(
+            self._java("kafka.Kafka", str(props), heap=self.settings.kafka_heap),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise BrokerError(f"kafka: the broker exited with code {proc.returncode}; see {self.log_file}")
+            if self._port_open() and self.answers(2.0):
+                return f"kafka started at {self.bootstrap} (pid {proc.pid})"
+            time.sleep(0.5)
+        self.stop()
+        raise BrokerError(f"kafka: the broker did not answer within {timeout:.0f}s; see {self.log_file}")
+
+    def stop(self, timeout: float = 30.0) -> str:
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return "kafka is not running"
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _reaped(pid) or self.pid() is None:
+                break
+            time.sleep(0.2)
+        else:
+            log.warning("kafka: broker did not stop within %.0fs; killing it", timeout)
+            os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return f"kafka stopped (pid {pid})"
+
+    def kill(self) -> None:
+        """SIGKILL the broker (tests of broker failure)."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            while not _reaped(pid) and self.pid() is not None:
+                time.sleep(0.1)
+
+    def status(self) -> str:
+        pid = self.pid()
+        if pid is not None and self.answers():
+            return f"kafka running at {self.bootstrap} (pid {pid})"
+        if pid is not None:
+            return f"kafka process {pid} is up but does not answer at {self.bootstrap}"
+        return "kafka is down"
+
+
+def _reaped(pid: int) -> bool:
+    """True once `pid` has exited (reaping it if it is our child)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:
+        try:
+            os.kill(pid, 0)
+            stat = Path(f"/proc/{pid}/stat")
+            return stat.exists() and stat.read_text().split()[2] == "Z"
+        except ProcessLookupError:
+            return True

@@ -1,0 +1,31 @@
+"""Every Prometheus metric of the worker, declared in one place.
+
+The registry is injected so tests use a fresh CollectorRegistry(). Names carry the
+`recur_` prefix and base units; no label holds a user id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.events = Counter("recur_events_consumed_total", "Valid events consumed, by type", ["event_type"], registry=registry)
+        self.dead_letters = Counter("recur_dead_letters_total", "Records sent to the dead-letter topic, by reason", ["reason"], registry=registry)
+        self.duplicates = Counter("recur_duplicate_events_total", "Events at or below the user's last applied offset (not re-applied)", registry=registry)
+        self.unknown_items = Counter("recur_unknown_items_total", "Events on items the live model does not know", registry=registry)
+        self.recommendations = Counter("recur_recommendations_sent_total", "Recommendations sent, by strategy", ["strategy"], registry=registry)
+        self.batch_size = Histogram("recur_batch_size_events", "Events per processed batch", buckets=_BATCH_BUCKETS, registry=registry)
+        self.step_seconds = Histogram("recur_step_seconds", "Seconds per batched model step (gather, step, top-K, scatter)", buckets=_SECONDS_BUCKETS, registry=registry)
+        self.e2e_seconds = Histogram("recur_end_to_end_seconds", "Event timestamp to recommendation sent", buckets=_SECONDS_BUCKETS, registry=registry)
+        self.users = Gauge("recur_users_in_state", "Users with state in this worker's partitions", registry=registry)
+        self.model = Info("recur_model", "The live model version", registry=registry)
+        self.model_swaps = Counter("recur_model_swaps_total", "Model versions swapped in without a restart", registry=registry)
+        self.rewarmed = Counter("recur_users_rewarmed_total", "Users whose state was rebuilt for a new model", registry=registry)
+        self.hits = Counter("recur_online_hits_total", "Events whose item was in the user's previous recommendation list", registry=registry)
+        self.hit_opportunities = Counter("recur_online_hit_opportunities_total", "Events of users who had a previous recommendation list", registry=registry)

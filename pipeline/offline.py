@@ -1,0 +1,139 @@
+"""`recur train` and `recur evaluate`: flags, progress and output around the core."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from tqdm import tqdm
+
+from models.artifacts import load_artifact, save_artifact
+from models.baselines import BASELINES, build_baseline
+from models.data import DEFAULT_SESSION_GAP_S, FORMATS, Vocabulary, index_sessions, read_sessions, sessionize
+from models.errors import ConfigError
+from models.evaluate import evaluate_model, evaluate_scorer
+from models.lstm import resolve_device
+from models.train import TrainConfig, train
+from pipeline.config import Settings
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="training data: a file, or a snapshot folder with --format parquet")
+    src.add_argument("--synthetic", type=int, metavar="N", help="train on N synthetic events instead")
+    p.add_argument("--format", choices=FORMATS, help="format of --data")
+    p.add_argument("--out", help="model registry to write the new version into (default var/models)")
+    p.add_argument("--publish", action="store_true", help="make the new version CURRENT (the worker picks it up)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--session-gap", type=float, default=DEFAULT_SESSION_GAP_S, help="seconds of inactivity that cut a session (default 1800)")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help=f"max epochs (default {TrainConfig.epochs})")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help=f"sessions per batch (default {TrainConfig.batch_size})")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"learning rate (default {TrainConfig.lr})")
+    p.add_argument("--loss", choices=["auto", "ce", "sampled"], default="auto", help="auto = full softmax up to 50k items")
+    p.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes, help="wall-clock cap (default 9)")
+    p.add_argument("--no-refit", action="store_true", help="skip the final refit on all data")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--hidden-dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--cell", choices=["lstm", "gru"], default="lstm")
+    p.add_argument("--attention-window", type=int, default=0, help="attend over the last W outputs (0 = off)")
+    p.add_argument("--dropout", type=float, default=0.25)
+    p.add_argument("--models-dir", help=argparse.SUPPRESS)
+
+
+def _progress_printer(bar: tqdm):
+    def on_progress(p: dict) -> None:
+        if p.get("done"):
+            metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items() if k not in ("done",)}
+            bar.write(json.dumps(metrics), file=sys.stderr)
+            return
+        if p["batch"] == 1:
+            bar.reset(total=p["batches"])
+            bar.set_description(f"{p['phase']} epoch {p['epoch']}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{p['loss']:.3f}")
+
+    return on_progress
+
+
+def train_command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.data and not args.format:
+        raise ConfigError("train: --data needs --format session-tsv|jsonl|parquet")
+    device = resolve_device(args.device)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.synthetic:
+        from models.synthetic import SyntheticConfig, generate
+
+        sessions = sessionize(generate(SyntheticConfig(n_events=args.synthetic)), args.session_gap)
+        sessions.sort(key=lambda s: (s.times[0], s.key))
+        source = f"synthetic:{args.synthetic}"
+    else:
+        sessions = read_sessions(args.data, args.format, args.session_gap)
+        source = str(args.data)
+    print(f"train: {len(sessions)} sessions, {sum(len(s) for s in sessions)} events from {source} on {device}",
+          file=sys.stderr)
+    model_config = dict(embedding_dim=args.embedding_dim, hidden_dim=args.hidden_dim, num_layers=args.layers,
+                        cell=args.cell, attention_window=args.attention_window, dropout=args.dropout)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
+                      max_minutes=args.max_minutes, refit=not args.no_refit, seed=args.seed, device=str(device))
+    with tqdm(unit="batch", file=sys.stderr, leave=False, mininterval=2.0, disable=None) as bar:
+        result = train(sessions, model_config, cfg, on_progress=_progress_printer(bar))
+    meta = {**result.metadata(cfg), "source": source}
+    registry = args.out or settings.models_path
+    path = save_artifact(registry, result.model.cpu(), result.vocab, meta, publish=args.publish)
+    best = result.best
+    print(json.dumps({
+        "artifact": str(path),
+        "published": bool(args.publish),
+        "training_seconds": round(result.seconds, 1),
+        "items": len(result.vocab),
+        "validation": {k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()},
+    }))
+    return 0
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model", help="model artifact folder or registry (its CURRENT version)")
+    who.add_argument("--baseline", choices=BASELINES, help="evaluate a baseline built from --train")
+    p.add_argument("--train", help="training data for --baseline")
+    p.add_argument("--data", required=True, help="test data")
+    p.add_argument("--format", choices=FORMATS, required=True, help="format of --data (and --train)")
+    p.add_argument("--k", type=int, default=20, help="cut-off (default 20)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--session-gap", type=float, default=DEFAULT_SESSION_GAP_S)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    test = read_sessions(args.data, args.format, args.session_gap)
+    if args.model:
+        device = resolve_device(args.device)
+        artifact = load_artifact(args.model, device)
+        vocab = artifact.vocab
+        indexed = index_sessions(test, vocab)
+        total = sum(len(s.items) - 1 for s in indexed)
+        with tqdm(total=total, unit="pred", file=sys.stderr, leave=False, desc="evaluate", disable=None) as bar:
+            result = evaluate_model(artifact.model, indexed, k=args.k, device=device, progress=bar.update)
+        name = artifact.version
+    else:
+        if not args.train:
+            raise ConfigError("evaluate: --baseline needs --train PATH")
+        train_sessions = read_sessions(args.train, args.format, args.session_gap)
+        vocab = Vocabulary.from_sessions(train_sessions)
+        scorer = build_baseline(args.baseline, index_sessions(train_sessions, vocab), len(vocab))
+        indexed = index_sessions(test, vocab)
+        total = sum(len(s.items) - 1 for s in indexed)
+        with tqdm(total=total, unit="pred", file=sys.stderr, leave=False, desc=args.baseline, disable=None) as bar:
+            result = evaluate_scorer(scorer, indexed, k=args.k, progress=bar.update)
+        name = args.baseline
+    if args.json:
+        print(json.dumps(result))
+    else:
+        k = args.k
+        print(f"{name}: Recall@{k} {result[f'recall@{k}']:.4f}  MRR@{k} {result[f'mrr@{k}']:.4f}  "
+              f"NDCG@{k} {result[f'ndcg@{k}']:.4f}  over {result['n']} predictions")
+    return 0

@@ -1,0 +1,58 @@
+"""Wire schemas: Kafka record bytes <-> events and recommendations, dead-letter headers."""
+
+from __future__ import annotations
+
+import json
+
+from models.errors import BadRecord
+from models.events import Event, parse_event
+from models.online import Recommendation
+
+
+def decode_event(key: bytes | None, value: bytes | None, max_bytes: int, now_ms: int) -> Event:
+    """Validate one input record; raises BadRecord(reason, detail) for the dead-letter topic."""
+    if value is None:
+        raise BadRecord("empty_value", "record has no value")
+    if len(value) > max_bytes:
+        raise BadRecord("too_large", f"value is {len(value)} bytes, limit {max_bytes}")
+    try:
+        obj = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadRecord("invalid_json", "value is not valid UTF-8 JSON") from None
+    event = parse_event(obj, now_ms)
+    if key is None:
+        raise BadRecord("missing_key", "record has no key; the key must be the user id")
+    if key != event.user_id.encode():
+        raise BadRecord("key_mismatch", "record key is not the event's user id")
+    return event
+
+
+def encode_event(event: Event) -> tuple[bytes, bytes]:
+    """-> (key, value) for the events topic."""
+    return event.user_id.encode(), json.dumps(event.to_wire(), separators=(",", ":")).encode()
+
+
+def encode_recommendation(rec: Recommendation, emitted_at_ms: int) -> tuple[bytes, bytes]:
+    """-> (key, value) for the recommendations topic."""
+    value = {
+        "user_id": rec.user_id,
+        "event_id": rec.event_id,
+        "items": [{"item_id": i, "score": s} for i, s in rec.items],
+        "strategy": rec.strategy,
+        "model_version": rec.model_version,
+        "event_timestamp": rec.event_timestamp,
+        "emitted_at": emitted_at_ms,
+    }
+    return rec.user_id.encode(), json.dumps(value, separators=(",", ":")).encode()
+
+
+def dlq_headers(topic: str, partition: int, offset: int, error: BadRecord) -> list[tuple[str, bytes]]:
+    """Headers that say where a dead letter came from and why (no payload, no user id)."""
+    return [
+        ("recur.original.topic", topic.encode()),
+        ("recur.original.partition", str(partition).encode()),
+        ("recur.original.offset", str(offset).encode()),
+        ("recur.error.class", type(error).__name__.encode()),
+        ("recur.error.reason", error.reason.encode()),
+        ("recur.error.detail", error.detail.encode()),
+    ]

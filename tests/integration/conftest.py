@@ -1,0 +1,135 @@
+"""Integration fixtures: a real Kafka broker for the session, fresh topics and app ids
+per test, a small trained model, and the worker as a subprocess.
+
+With RECUR_BOOTSTRAP set, that broker is used and nothing is started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from models.artifacts import save_artifact
+from models.data import sessionize
+from models.synthetic import SyntheticConfig, generate
+from models.train import TrainConfig, train
+from pipeline.clients import consume, create_topics
+from pipeline.config import Settings, load_settings
+
+pytestmark = pytest.mark.integration
+TEST_KAFKA_PORT = 19192  # apart from the development broker's 19092
+
+
+@pytest.fixture(scope="session")
+def bootstrap(tmp_path_factory) -> str:
+    """A broker for the whole session: RECUR_BOOTSTRAP, or a local one started here."""
+    if os.environ.get("RECUR_BOOTSTRAP"):
+        yield os.environ["RECUR_BOOTSTRAP"]
+        return
+    from pipeline.kafka_local import LocalKafka
+
+    settings = load_settings({k: v for k, v in os.environ.items() if k == "RECUR_CACHE_DIR"},
+                             {"var_dir": str(tmp_path_factory.mktemp("broker")), "kafka_port": TEST_KAFKA_PORT})
+    broker = LocalKafka(settings)
+    broker.start()
+    yield broker.bootstrap
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def model_registry(tmp_path_factory) -> Path:
+    """A registry with a small model trained on the synthetic catalog (1000 items)."""
+    registry = tmp_path_factory.mktemp("models")
+    sessions = sorted(sessionize(generate(SyntheticConfig(n_events=15000, seed=3))), key=lambda s: s.times[0])
+    result = train(sessions, dict(embedding_dim=32, hidden_dim=48), TrainConfig(epochs=3, refit=False, seed=1))
+    save_artifact(registry, result.model, result.vocab, {"source": "tests"}, publish=True)
+    return registry
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    """One test's topics, app id and folders on the shared broker."""
+
+    settings: Settings
+    env: dict[str, str]
+    workdir: Path
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    def start_worker(self, name: str = "w", timeout: float = 90.0, **extra_env: str) -> subprocess.Popen:
+        """Start `recur worker` as a subprocess; wait until faust says it is ready."""
+        log_path = self.workdir / f"worker-{name}-{len(self.workers)}.log"
+        env = {**self.env, "RECUR_WEB_PORT": str(_free_port()), "RECUR_METRICS_PORT": str(_free_port()),
+               "RECUR_VAR_DIR": str(self.workdir / f"var-{name}"), **extra_env}
+        log_file = open(log_path, "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, cwd=self.workdir)
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        proc.metrics_port = int(env["RECUR_METRICS_PORT"])  # type: ignore[attr-defined]
+        self.workers.append(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if b"Worker]: Ready" in log_path.read_bytes():
+                return proc
+            time.sleep(0.3)
+        raise AssertionError(f"worker not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+    def stop_worker(self, proc: subprocess.Popen, timeout: float = 60.0) -> int:
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout)
+
+    def recommendations(self, expected: int, timeout: float = 60.0) -> list[tuple[bytes, dict]]:
+        """Read the recommendations topic from the start until `expected` records or a quiet `timeout`."""
+        out = []
+        for key, value, _ in consume(self.settings, self.settings.recommendations_topic, expected, timeout):
+            out.append((key, json.loads(value)))
+        return out
+
+    def dead_letters(self, expected: int, timeout: float = 30.0) -> list[tuple[bytes, bytes, dict]]:
+        out = []
+        for key, value, headers in consume(self.settings, self.settings.dlq_topic, expected, timeout):
+            out.append((key, value, {k: v.decode() for k, v in headers}))
+        return out
+
+
+@pytest.fixture
+def stack(bootstrap, model_registry, tmp_path) -> Stack:
+    run = uuid.uuid4().hex[:8]
+    values = {
+        "RECUR_BOOTSTRAP": bootstrap,
+        "RECUR_APP_ID": f"recur-test-{run}",
+        "RECUR_EVENTS_TOPIC": f"events-{run}",
+        "RECUR_RECOMMENDATIONS_TOPIC": f"recs-{run}",
+        "RECUR_DLQ_TOPIC": f"dlq-{run}",
+        "RECUR_MODELS_DIR": str(model_registry),
+        "RECUR_DEVICE": "cpu",
+        "RECUR_LOG_LEVEL": "info",
+    }
+    settings = load_settings(values)
+    create_topics(settings)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECUR_")}
+    env.update(values)
+    env["PYTHONUNBUFFERED"] = "1"
+    s = Stack(settings, env, tmp_path)
+    yield s
+    for proc in s.workers:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -1,0 +1,41 @@
+import json
+import subprocess
+import sys
+
+from pipeline.cli import main
+
+
+def test_config_prints_effective_settings(capsys, monkeypatch):
+    monkeypatch.setenv("RECUR_K", "7")
+    monkeypatch.setenv("RECUR_SASL_PASSWORD", "hunter2")
+    assert main(["config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["k"] == 7 and out["sasl_password"] == "***"
+
+
+def test_invalid_setting_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setenv("RECUR_PARTITIONS", "four")
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "recur: config: RECUR_PARTITIONS must be a int, got 'four'"
+
+
+def test_missing_java_gives_one_line_error_with_a_hint(tmp_path):
+    env = {"PATH": str(tmp_path), "RECUR_CACHE_DIR": str(tmp_path / "cache"), "RECUR_VAR_DIR": str(tmp_path / "var"),
+           "RECUR_KAFKA_PORT": "19999"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "kafka", "start"], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Java" in lines[0] and "RECUR_BOOTSTRAP" in lines[0]
+
+
+def test_evaluate_baseline_json(tmp_path, capsys):
+    train = tmp_path / "tr.tsv"
+    test = tmp_path / "te.tsv"
+    train.write_text("SessionId\tItemId\tTime\n1\ta\t1\n1\tb\t2\n2\ta\t3\n2\tb\t4\n3\tc\t5\n3\ta\t6\n")
+    test.write_text("SessionId\tItemId\tTime\n9\ta\t10\n9\tb\t11\n9\tz\t12\n")
+    assert main(["evaluate", "--baseline", "sr", "--train", str(train), "--data", str(test),
+                 "--format", "session-tsv", "--k", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"recall@1": 1.0, "mrr@1": 1.0, "ndcg@1": 1.0, "n": 1}

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from models.data import Vocabulary, index_sessions, read_sessions, sessionize
+from models.errors import DataError
+from models.events import Event
+
+
+def test_session_tsv_orders_events_by_time(tmp_path):
+    f = tmp_path / "s.tsv"
+    f.write_text("SessionId\tItemId\tTime\n1\tb\t20.5\n1\ta\t10\n2\tc\t5\n2\tc\t6\n")
+    sessions = read_sessions(f, "session-tsv")
+    assert [s.key for s in sessions] == ["2", "1"]
+    assert sessions[1].items == ["a", "b"] and sessions[1].times == [10.0, 20.5]
+
+
+def test_session_tsv_header_is_checked(tmp_path):
+    f = tmp_path / "s.tsv"
+    f.write_text("a\tb\tc\n")
+    with pytest.raises(DataError, match="header"):
+        read_sessions(f, "session-tsv")
+
+
+def test_jsonl_is_cut_at_inactivity_and_skips_bad_lines(tmp_path):
+    f = tmp_path / "e.jsonl"
+    rows = [
+        {"user_id": "u", "item_id": "a", "event_type": "click", "timestamp": 1_700_000_000_000},
+        {"user_id": "u", "item_id": "b", "event_type": "purchase", "timestamp": 1_700_000_060_000},
+        {"user_id": "u", "item_id": "c", "event_type": "click", "timestamp": 1_700_007_200_000},
+        {"user_id": "u", "item_id": "d", "event_type": "teleport", "timestamp": 1_700_000_000_000},
+    ]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    sessions = read_sessions(f, "jsonl", session_gap_s=1800)
+    assert [s.items for s in sessions] == [["a", "b"], ["c"]]
+    assert sessions[0].types == [0, 1]
+
+
+def test_sessions_use_session_id_when_given():
+    evs = [Event("u", "a", 0, 1_000_000_000_000, session_id="s1"), Event("u", "b", 0, 1_000_000_001_000, session_id="s2")]
+    assert len(sessionize(evs)) == 2
+
+
+def test_unknown_items_are_dropped_then_short_sessions():
+    sessions = sessionize([Event("u", i, 0, 1_000_000_000_000 + n) for n, i in enumerate(["a", "x", "b", "y"])])
+    vocab = Vocabulary(["a", "b"])
+    idx = index_sessions(sessions, vocab)
+    assert idx[0].items.tolist() == [0, 1]
+    assert index_sessions(sessionize([Event("u", "a", 0, 1_000_000_000_000)]), vocab) == []

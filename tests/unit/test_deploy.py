@@ -1,0 +1,62 @@
+"""docker-compose.yml is for users with Docker; here it is checked by parsing."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _recur_ok(argv: list[str]) -> None:
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse exits on an unknown command or flag
+        pytest.fail(f"`recur {' '.join(argv)}` is not a valid recur command (exit {e.code})")
+
+
+def test_every_mounted_file_and_build_file_exists():
+    mounts = 0
+    for name, svc in COMPOSE["services"].items():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("."):
+                mounts += 1
+                assert (ROOT / src).exists(), f"{name} mounts missing {src}"
+        if "build" in svc:
+            assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).exists()
+    assert mounts >= 3
+
+
+def test_every_command_is_a_real_recur_command():
+    commands = [svc["command"] for svc in COMPOSE["services"].values()
+                if svc.get("image", "").startswith("recur") and "command" in svc]
+    text = (ROOT / "docker-compose.yml").read_text()
+    commands += [line.split(" recur ", 1)[1].split() for line in text.splitlines()
+                 if re.match(r"#\s+docker compose run --rm recur ", line)]
+    assert len(commands) >= 4
+    for argv in commands:
+        _recur_ok(argv)
+
+
+def test_prometheus_scrapes_the_worker_metrics_port():
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    worker_env = COMPOSE["services"]["worker"]["environment"]
+    assert f"worker:{worker_env['RECUR_METRICS_PORT']}" in targets
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/recur.json").read_text())
+    assert all(t["expr"] for p in dash["panels"] for t in p["targets"])
+
+
+def test_readme_and_makefile_commands_exist():
+    readme = (ROOT / "README.md").read_text()
+    for line in re.findall(r"^\s*recur (.+)$", readme, flags=re.M):
+        argv = line.split("#")[0].split()
+        if argv and not any(a.startswith("<") or a == "..." or a.endswith("|") for a in argv):
+            _recur_ok(argv)
+    assert "make demo" in readme and "make test" in readme

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from models.errors import ModelError
+from models.lstm import ModelConfig, RecurrentRecommender, init_state, resolve_device, step
+
+
+def _model(**kw) -> RecurrentRecommender:
+    torch.manual_seed(0)
+    cfg = dict(n_items=50, embedding_dim=8, hidden_dim=12, dropout=0.0)
+    cfg.update(kw)
+    return RecurrentRecommender(ModelConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"num_layers": 2},
+        {"cell": "gru"},
+        {"attention_window": 3},
+        {"cell": "gru", "num_layers": 2, "attention_window": 4, "tie_weights": False, "input_skip": False},
+    ],
+)
+def test_step_equals_full_sequence_forward(kw):
+    model = _model(**kw)
+    B, T = 5, 7
+    items = torch.randint(0, 50, (B, T))
+    types = torch.randint(0, 2, (B, T))
+    with torch.no_grad():
+        queries, _ = model(items, types)
+        full_scores = model.score(queries)  # (B, T, V)
+    state = init_state(model.config, B)
+    for t in range(T):
+        state, scores = step(model, state, items[:, t], types[:, t])
+        torch.testing.assert_close(scores, full_scores[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_shapes_and_state_size():
+    model = _model(num_layers=2, attention_window=3)
+    cfg = model.config
+    assert cfg.state_size == 2 * 2 * 12 + 3 * 12 + 1
+    state, scores = step(model, init_state(cfg, 4), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 0, 1]))
+    assert state.shape == (4, cfg.state_size)
+    assert scores.shape == (4, 50)
+
+
+def test_zero_row_resets_a_user_in_the_batch():
+    model = _model()
+    items, types = torch.tensor([3, 3]), torch.tensor([0, 0])
+    state = init_state(model.config, 2)
+    state, _ = step(model, state, torch.tensor([7, 9]), types)
+    state = state.clone()  # step returns inference tensors; clone to edit in place
+    state[1] = 0  # user 1 starts afresh
+    _, scores = step(model, state, items, types)
+    _, fresh = step(model, init_state(model.config, 1), items[:1], types[:1])
+    torch.testing.assert_close(scores[1], fresh[0])
+    assert not torch.allclose(scores[0], fresh[0])
+
+
+def test_forward_loss_ignores_padding():
+    model = _model()
+    items = torch.tensor([[1, 2, 3]])
+    targets = torch.tensor([[2, 3, -1]])
+    _, loss = model(items, torch.zeros_like(items), targets)
+    assert loss is not None and torch.isfinite(loss)
+
+
+def test_bad_config_and_device():
+    with pytest.raises(ModelError):
+        ModelConfig(n_items=10, cell="transformer")
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(ModelError):
+            resolve_device("cuda")

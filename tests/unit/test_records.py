@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from models.errors import BadRecord
+from models.online import Recommendation
+from pipeline.records import decode_event, dlq_headers, encode_event, encode_recommendation
+
+NOW = 1_800_000_000_000
+
+
+def _value(**kw):
+    obj = {"user_id": "u1", "item_id": "i1", "event_type": "click", "timestamp": 1_700_000_000_000}
+    obj.update(kw)
+    return json.dumps(obj).encode()
+
+
+def test_valid_event_with_iso_timestamp():
+    e = decode_event(b"u1", _value(timestamp="2023-11-14T22:13:20Z", event_type="purchase"), 4096, NOW)
+    assert (e.user_id, e.item_id, e.event_type, e.timestamp_ms) == ("u1", "i1", 1, 1_700_000_000_000)
+    assert decode_event(b"u1", _value(timestamp="2023-11-14T22:13:20"), 4096, NOW).timestamp_ms == 1_700_000_000_000
+
+
+@pytest.mark.parametrize(
+    "key,value,reason",
+    [
+        (b"u1", b"{not json", "invalid_json"),
+        (b"u1", b"\xff\xfe", "invalid_json"),
+        (b"u1", b"[1, 2]", "not_an_object"),
+        (b"u1", json.dumps({"user_id": "u1", "event_type": "click", "timestamp": 1}).encode(), "missing_field"),
+        (b"u1", _value(item_id=["x"]), "wrong_type"),
+        (b"u1", _value(event_type="view"), "unknown_event_type"),
+        (b"u1", _value(timestamp="yesterday"), "bad_timestamp"),
+        (b"u1", _value(timestamp=12), "absurd_timestamp"),
+        (b"u1", _value(timestamp=NOW + 3 * 86_400_000), "absurd_timestamp"),
+        (b"u1", _value(item_id="x" * 5000), "too_large"),
+        (b"u2", _value(), "key_mismatch"),
+        (None, _value(), "missing_key"),
+        (b"u1", None, "empty_value"),
+    ],
+)
+def test_bad_records_name_their_reason_without_payload(key, value, reason):
+    with pytest.raises(BadRecord) as info:
+        decode_event(key, value, 4096, NOW)
+    assert info.value.reason == reason
+    assert "u1" not in str(info.value) and "i1" not in str(info.value)
+
+
+def test_wire_round_trip_and_recommendation_schema():
+    e = decode_event(b"u1", _value(event_id="e7", session_id="s"), 4096, NOW)
+    key, value = encode_event(e)
+    assert decode_event(key, value, 4096, NOW) == e
+    rec = Recommendation("u1", "e7", [("a", 1.5), ("b", 0.5)], "lstm", "v1", 1_700_000_000_000)
+    key, value = encode_recommendation(rec, 1_700_000_000_250)
+    out = json.loads(value)
+    assert key == b"u1"
+    assert out == {
+        "user_id": "u1", "event_id": "e7", "items": [{"item_id": "a", "score": 1.5}, {"item_id": "b", "score": 0.5}],
+        "strategy": "lstm", "model_version": "v1", "event_timestamp": 1_700_000_000_000, "emitted_at": 1_700_000_000_250,
+    }
+
+
+def test_dlq_headers():
+    headers = dict(dlq_headers("events", 3, 42, BadRecord("invalid_json", "value is not valid UTF-8 JSON")))
+    assert headers["recur.original.topic"] == b"events"
+    assert headers["recur.original.partition"] == b"3" and headers["recur.original.offset"] == b"42"
+    assert headers["recur.error.reason"] == b"invalid_json" and headers["recur.error.class"] == b"BadRecord"
