@@ -186,7 +186,11 @@ class OnlineRecommender:
             if r == len(rounds):
                 rounds.append([])
             rounds[r].append(n)
-        changed: dict[str, UserState] = {}
+        # a duplicate means the event was applied before a crash; writing the state again
+        # repairs a changelog that may have missed that write (the local store had it)
+        changed: dict[str, UserState] = {
+            ev.event.user_id: current[ev.event.user_id] for ev in events if ev.offset <= current[ev.event.user_id].last_offset
+        }
         for members in rounds:
             self._round(members, events, current, recs, stats)
             for n in members:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 
+from faust import streams as faust_streams
 from faust.types import EventT
 
-from models.errors import BadRecord
+from models.artifacts import Artifact
+from models.errors import BadRecord, RecurError
 from models.online import InputEvent, OnlineRecommender, UserState
 from pipeline.app import Streams
 from pipeline.config import Settings
@@ -25,6 +29,18 @@ class BatchHandler:
         self.recommender = recommender
         self.metrics = metrics
         self.settings = settings
+        self.pending: Artifact | None = None  # a checked model waiting to be swapped in
+
+    def swap_model(self) -> None:
+        """Between batches: make a loaded and checked model the live one."""
+        if self.pending is None:
+            return
+        old, new = self.recommender.version, self.pending.version
+        self.recommender.use(self.pending)
+        self.pending = None
+        self.metrics.model.info({"version": new})
+        self.metrics.model_swaps.inc()
+        log.info("model: swapped %s -> %s; users re-warm on their next event", old, new)
 
     async def dead_letter(self, event: EventT, error: BadRecord) -> None:
         msg = event.message
@@ -39,11 +55,14 @@ class BatchHandler:
         RocksDB store files a table write under the current event's partition, and
         inside take_events() there is none, so each user's write is bound to one of
         that user's events (same key, same partition)."""
+        self.swap_model()
         now_ms = int(time.time() * 1000)
         valid: list[InputEvent] = []
         source: dict[str, EventT] = {}
+        last_offsets: dict = {}
         for event in batch:
             msg = event.message
+            last_offsets[msg.tp] = msg.offset
             try:
                 decoded = decode_event(msg.key, msg.value, self.settings.max_record_bytes, now_ms)
             except BadRecord as error:
@@ -81,6 +100,26 @@ class BatchHandler:
         m.hit_opportunities.inc(stats.hit_opportunities)
         m.rewarmed.inc(stats.rewarmed)
         m.users.set(len(table))
+        self._lag(last_offsets)
+
+    def _lag(self, last_offsets: dict) -> None:
+        consumer = self.streams.app.consumer
+        for tp, offset in last_offsets.items():
+            try:
+                highwater = consumer.highwater(tp)
+            except Exception:  # no highwater known yet for this partition
+                continue
+            if highwater is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(0, highwater - offset - 1))
+
+
+def bind_current_event(event: EventT) -> None:
+    """Make `event` the current event of this task only (a context variable).
+
+    Not `stream._set_current_event`: that also sets the stream's attribute, which
+    take_events()' background task reads to pair the next message with its event;
+    overwriting it pairs a new message with an old event (one lost, one repeated)."""
+    faust_streams._current_event.set(weakref.ref(event))
 
 
 def register(streams: Streams, handler: BatchHandler, settings: Settings) -> None:
@@ -88,7 +127,7 @@ def register(streams: Streams, handler: BatchHandler, settings: Settings) -> Non
     async def recommend(stream):  # noqa: ANN001 - faust passes a StreamT
         async for batch in stream.take_events(settings.max_batch, within=settings.max_wait):
             try:
-                await handler.handle(batch, bind=stream._set_current_event)
+                await handler.handle(list(batch), bind=bind_current_event)
             except Exception:
                 # take_events() acks the batch in a `finally` when the body raises, and
                 # faust would restart the agent: the batch would be lost. A bug must
@@ -96,3 +135,26 @@ def register(streams: Streams, handler: BatchHandler, settings: Settings) -> Non
                 log.critical("worker: unexpected error in a batch; exiting without committing it", exc_info=True)
                 logging.shutdown()
                 os._exit(70)
+
+
+def register_model_watch(streams: Streams, handler: BatchHandler, settings: Settings) -> None:
+    """Poll the registry's CURRENT; load and check a new version in a thread, off the hot path.
+    The agent swaps it in before its next batch."""
+    from models.artifacts import current_version, load_artifact
+
+    @streams.app.timer(settings.model_poll_interval)
+    async def watch_models() -> None:
+        version = current_version(settings.models_path)
+        waiting = handler.pending.version if handler.pending else None
+        if version is None or version in (handler.recommender.version, waiting):
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            artifact = await loop.run_in_executor(
+                None, load_artifact, settings.models_path / version, handler.recommender.device
+            )
+        except RecurError as e:
+            handler.metrics.model_load_failures.inc()
+            log.error("model: version %s was not loaded: %s", version, e)
+            return
+        handler.pending = artifact

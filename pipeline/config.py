@@ -41,6 +41,7 @@ class Settings:
     store: str = "rocksdb"  # table store: rocksdb (durable) or memory
     models_dir: str = ""  # model registry; empty = <var_dir>/models
     device: str = "auto"  # auto, cpu or cuda[:N]
+    model_poll_interval: float = 2.0  # seconds between checks of the registry's CURRENT
     k: int = 20  # items per recommendation
     recent_n: int = 50  # recent items kept per user
     exclude_purchased: bool = True  # never recommend items the user bought

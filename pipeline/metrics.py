@@ -27,5 +27,7 @@ class Metrics:
         self.model = Info("recur_model", "The live model version", registry=registry)
         self.model_swaps = Counter("recur_model_swaps_total", "Model versions swapped in without a restart", registry=registry)
         self.rewarmed = Counter("recur_users_rewarmed_total", "Users whose state was rebuilt for a new model", registry=registry)
+        self.model_load_failures = Counter("recur_model_load_failures_total", "New model versions that failed their checks", registry=registry)
+        self.lag = Gauge("recur_consumer_lag_events", "Events in the partition not yet processed, by partition", ["partition"], registry=registry)
         self.hits = Counter("recur_online_hits_total", "Events whose item was in the user's previous recommendation list", registry=registry)
         self.hit_opportunities = Counter("recur_online_hit_opportunities_total", "Events of users who had a previous recommendation list", registry=registry)

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from models.artifacts import load_artifact
 from models.lstm import resolve_device
 from models.online import OnlineConfig, OnlineRecommender
-from pipeline.agents import BatchHandler, register
+from pipeline.agents import BatchHandler, register, register_model_watch
 from pipeline.app import create_app
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
@@ -42,6 +42,7 @@ def build(settings: Settings, registry: CollectorRegistry | None = None):
     streams = create_app(settings)
     handler = BatchHandler(streams, recommender, metrics, settings)
     register(streams, handler, settings)
+    register_model_watch(streams, handler, settings)
     return streams, handler
 
 

@@ -31,10 +31,10 @@ TEST_KAFKA_PORT = 19192  # apart from the development broker's 19092
 
 
 @pytest.fixture(scope="session")
-def bootstrap(tmp_path_factory) -> str:
-    """A broker for the whole session: RECUR_BOOTSTRAP, or a local one started here."""
+def local_broker(tmp_path_factory):
+    """The broker recur started for this session, or None when RECUR_BOOTSTRAP names one."""
     if os.environ.get("RECUR_BOOTSTRAP"):
-        yield os.environ["RECUR_BOOTSTRAP"]
+        yield None
         return
     from pipeline.kafka_local import LocalKafka
 
@@ -42,8 +42,14 @@ def bootstrap(tmp_path_factory) -> str:
                              {"var_dir": str(tmp_path_factory.mktemp("broker")), "kafka_port": TEST_KAFKA_PORT})
     broker = LocalKafka(settings)
     broker.start()
-    yield broker.bootstrap
+    yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def bootstrap(local_broker) -> str:
+    """A broker for the whole session: RECUR_BOOTSTRAP, or a local one started here."""
+    return os.environ["RECUR_BOOTSTRAP"] if local_broker is None else local_broker.bootstrap
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +139,80 @@ def stack(bootstrap, model_registry, tmp_path) -> Stack:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+class Watcher:
+    """Follows a topic from its start, for tests that act mid-stream."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+                                      enable_auto_commit=False)
+        parts = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        self.consumer.assign(parts)
+        self.consumer.seek_to_beginning(*parts)
+        self.records: list = []
+        self._values: list[dict] = []
+        self.event_ids: set[str] = set()  # for recommendation topics
+
+    def poll(self) -> int:
+        for batch in self.consumer.poll(timeout_ms=500).values():
+            self.records.extend(batch)
+            for r in batch:
+                value = json.loads(r.value)
+                self._values.append(value)
+                if isinstance(value, dict) and "event_id" in value:
+                    self.event_ids.add(value["event_id"])
+        return len(self.records)
+
+    def wait_for_events(self, ids: set[str], timeout: float = 120.0) -> set[str]:
+        """Poll until every id in `ids` has a recommendation, or `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not ids <= self.event_ids and time.monotonic() < deadline:
+            self.poll()
+        return self.event_ids
+
+    def wait_for(self, n: int, timeout: float = 90.0, quiet: float = 0.0) -> int:
+        """Poll until at least `n` records (then `quiet` more seconds), or `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.poll() < n and time.monotonic() < deadline:
+            pass
+        end = time.monotonic() + quiet
+        while time.monotonic() < end:
+            self.poll()
+        return len(self.records)
+
+    def values(self) -> list[dict]:
+        return list(self._values)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def latest_states(settings: Settings, timeout: float = 10.0) -> dict[str, bytes]:
+    """The last value per key of the state table's changelog topic."""
+    topic = f"{settings.app_id}-user-state-changelog"
+    states = {}
+    for key, value, _ in consume(settings, topic, 0, timeout):
+        states[key.decode()] = value
+    return states
+
+
+def offline_states(artifact, events) -> dict:
+    """Replay each user's events once, in order, through the same step, with the worker's
+    float16 storage between events. -> user -> float16 state vector."""
+    import numpy as np
+    import torch
+
+    from models.lstm import init_state, step
+
+    out = {}
+    for e in events:
+        state = out.get(e.user_id)
+        vec = torch.from_numpy(state).float().unsqueeze(0) if state is not None else init_state(artifact.model.config, 1)
+        idx = artifact.vocab.get(e.item_id)
+        if idx >= 0:
+            vec, _ = step(artifact.model, vec, torch.tensor([idx]), torch.tensor([e.event_type]))
+        out[e.user_id] = vec[0].to(torch.float16).numpy().astype(np.float16)
+    return out
