@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 RECUR   := $(VENV)/bin/recur
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: install demo test unit integration lint kafka-start kafka-stop clean
+.PHONY: install demo demo-loop test unit integration lint kafka-start kafka-stop clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ install: $(STAMP)
 
 demo: install  ## broker, topics, model, worker, synthetic events, recommendations
 	$(RECUR) demo
+
+demo-loop: install  ## the closed loop: cold start, snapshots, retrain, live swap, hit rate up
+	$(RECUR) demo --loop
 
 test: install  ## every test, integration ones against a real local broker
 	$(PY) -m pytest tests -q

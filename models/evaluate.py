@@ -111,3 +111,19 @@ def evaluate_scorer(
 def ndcg_of_rank(rank: int) -> float:
     """NDCG of one prediction at `rank` (1-based) with a single relevant item."""
     return 1.0 / math.log2(rank + 1)
+
+
+def online_hit_rate(events: Sequence, lists: dict[str, list[str]], window: set[str] | None = None) -> tuple[float, int]:
+    """Prequential quality of a stream: the share of events (with ids in `window`, or all)
+    whose item was in the list the same user received after their previous event.
+    `events` in stream order with `.event_id`, `.user_id`, `.item_id`; `lists`: event id -> items.
+    -> (hit rate, events counted)."""
+    last: dict[str, list[str]] = {}
+    hits = total = 0
+    for e in events:
+        if (window is None or e.event_id in window) and e.user_id in last:
+            total += 1
+            hits += e.item_id in last[e.user_id]
+        if e.event_id in lists:
+            last[e.user_id] = lists[e.event_id]
+    return hits / max(total, 1), total

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from models.artifacts import Artifact
+from models.data import Vocabulary
 from models.events import Event
-from models.lstm import PURCHASE, advance, init_state
+from models.lstm import PURCHASE, RecurrentRecommender, advance, init_state
 
 _MAGIC = b"R1"
 _HEADER = struct.Struct("<2sI")  # magic, header length
@@ -122,22 +123,31 @@ class OnlineConfig:
     trending_window: int = 10_000  # events counted for cold-start trending
 
 
+COLD = "none"  # model_version while no model is live: every list is trending
+
+
 class OnlineRecommender:
-    def __init__(self, artifact: Artifact, config: OnlineConfig, device: torch.device | str = "cpu") -> None:
+    """`artifact=None` starts cold: trending lists only, recent items kept, until `use()`."""
+
+    def __init__(self, artifact: Artifact | None, config: OnlineConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
         self.device = torch.device(device)
         self.trending = Trending(config.trending_window)
-        self.use(artifact)
+        self.model: RecurrentRecommender | None = None
+        self.vocab = Vocabulary([])
+        self.version = COLD
+        if artifact is not None:
+            self.use(artifact)
 
     def use(self, artifact: Artifact) -> None:
         """Swap in a model; users on older versions are re-warmed on their next event."""
-        self.artifact = artifact
         self.model = artifact.model.to(self.device).eval()
         self.vocab = artifact.vocab
         self.version = artifact.version
 
     def _fresh(self) -> UserState:
-        return UserState(self.version, -1, np.zeros(self.model.config.state_size, dtype=np.float16))
+        size = self.model.config.state_size if self.model is not None else 0
+        return UserState(self.version, -1, np.zeros(size, dtype=np.float16))
 
     def _replay(self, users: list[UserState]) -> None:
         """Rebuild the recurrent state of `users` from their recent items, in one batch per position."""
@@ -164,11 +174,14 @@ class OnlineRecommender:
         stats = BatchStats()
         current = {u: (s if s is not None else self._fresh()) for u, s in states.items()}
         stale = [s for s in current.values() if s.model_version != self.version and s.recent_items]
-        if stale:
+        if stale and self.model is not None:
             self._replay(stale)
             stats.rewarmed = len(stale)
         for s in current.values():
-            s.model_version = self.version
+            if s.model_version != self.version:
+                s.model_version = self.version
+                if self.model is not None and not s.recent_items:
+                    s.vector = np.zeros(self.model.config.state_size, dtype=np.float16)
         # rounds: the r-th new event of every user in the batch, so each user's events apply in order
         rounds: list[list[int]] = []
         seen_per_user: Counter[str] = Counter()
@@ -215,6 +228,8 @@ class OnlineRecommender:
             st.recent_types = (st.recent_types + [ev.event.event_type])[-cfg.recent_n :]
             st.last_offset = ev.offset
             stats.applied += 1
+            if self.model is None:
+                continue  # cold: nothing to step
             idx = self.vocab.get(ev.event.item_id)
             if idx < 0:
                 stats.unknown_items += 1

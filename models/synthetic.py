@@ -26,7 +26,8 @@ class SyntheticConfig:
     purchase_rate: float = 0.3  # chance a session ends in a purchase
     session_length: int = 8  # mean clicks per session
     start_ms: int = 1_700_000_000_000  # timestamp of the first event
-    seed: int = 7
+    seed: int = 7  # users, sessions and timing
+    catalog_seed: int = 7  # the catalog's categories and browsing orders: keep it to add users to the same shop
 
 
 def item_id(n: int) -> str:
@@ -40,10 +41,11 @@ def catalog(cfg: SyntheticConfig) -> list[str]:
 def generate(cfg: SyntheticConfig) -> list[Event]:
     """`cfg.n_events` events over `cfg.n_users` users, ordered by timestamp."""
     rng = random.Random(cfg.seed)
+    shop = random.Random(cfg.catalog_seed)
     items = list(range(cfg.n_items))
     cats = [items[c :: cfg.n_categories] for c in range(cfg.n_categories)]
     for c in cats:
-        rng.shuffle(c)  # each category's browsing order
+        shop.shuffle(c)  # each category's browsing order
     position = {i: (c, p) for c, order in enumerate(cats) for p, i in enumerate(order)}
     weights = [1.0 / (1 + r) ** 0.8 for r in range(cfg.n_items)]  # Zipf-like popularity by item number
     prefs = [rng.sample(range(cfg.n_categories), 2) for _ in range(cfg.n_users)]

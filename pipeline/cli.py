@@ -10,7 +10,11 @@
     recur evaluate --model DIR --data PATH --format session-tsv --k 20 --json
     recur evaluate --baseline pop|sr|sknn --train PATH --data PATH --format session-tsv --json
     recur model ls | publish VERSION       the model registry
+    recur snapshots ls | compact           the worker's Parquet snapshots
     recur demo                             broker, topics, model, worker, events, recommendations
+    recur demo --loop                      cold start -> snapshots -> retrain -> live swap -> hit rate
+    recur bench step --json                the model step alone, batch 1..4096, vs the machine's GEMM rate
+    recur bench e2e --json                 aiokafka passthrough vs the worker through the broker, latency
     recur config                           print the effective settings
 
 Every setting is also a RECUR_* environment variable (see `recur config` and README).
@@ -151,9 +155,55 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
 
+    from pipeline.snapshots import compact, list_files
+
+    root = args.dir or _settings(args).snapshot_root
+    if args.action == "compact":
+        merged = compact(root)
+        for target, n in merged:
+            print(f"{target}: merged {n} files")
+        print(f"compacted {len(merged)} groups under {root}")
+        return 0
+    files = list_files(root)
+
+    def when(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    for f in files:
+        print(f"{f.path}  rows={f.rows} users={f.users} events={f.events} bytes={f.size}  {when(f.first_ms)} .. {when(f.last_ms)}")
+    if files:
+        print(f"{len(files)} files, {sum(f.rows for f in files)} rows, {sum(f.events for f in files)} events, "
+              f"{sum(f.size for f in files)} bytes, {when(min(f.first_ms for f in files))} .. "
+              f"{when(max(f.last_ms for f in files))} (UTC)")
+    else:
+        print(f"no snapshot files under {root}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_e2e_bench, run_step_bench
+
+    if args.users is None:
+        args.users = 1_000_000 if args.what == "step" else 100_000
+    if args.what == "step":
+        result = run_step_bench(args.device or "auto", args.items, args.embedding_dim, args.hidden_dim, args.layers,
+                                args.users, args.k, [int(b) for b in args.batches.split(",")], args.seconds)
+    else:
+        settings = _settings(args)
+        result = run_e2e_bench(settings, args.events, args.users, args.items, args.embedding_dim, args.hidden_dim,
+                               args.latency_seconds, args.plot, lambda line: print(f"[bench] {line}", file=sys.stderr))
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo, run_loop_demo
+
+    if args.loop:
+        return run_loop_demo(_settings(args), args.events if args.events != 3000 else 10000)
     return run_demo(_settings(args), args.events)
 
 
@@ -230,8 +280,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", help="model registry (default var/models)")
     p.set_defaults(func=cmd_model)
 
+    p = sub.add_parser("snapshots", help="the Parquet snapshots the worker writes")
+    p.add_argument("action", choices=["ls", "compact"])
+    p.add_argument("--dir", help="snapshot folder or URI (default var/snapshots)")
+    p.set_defaults(func=cmd_snapshots)
+
+    p = sub.add_parser("bench", help="benchmarks: the model step alone, or end to end through the broker")
+    p.add_argument("what", choices=["step", "e2e"])
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--items", type=int, default=20000, help="catalog size (default 20000)")
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--hidden-dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=1, help="step: recurrent layers (default 1)")
+    p.add_argument("--users", type=int, default=None, help="users in state (step: 1000000, e2e: 100000)")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--batches", default="1,64,1024,4096", help="step: batch sizes")
+    p.add_argument("--seconds", type=float, default=2.0, help="step: seconds per batch size")
+    p.add_argument("--events", type=int, default=200000, help="e2e: pre-loaded events (default 200000)")
+    p.add_argument("--latency-seconds", type=float, default=20.0, help="e2e: seconds of paced load")
+    p.add_argument("--plot", default="bench-e2e.png", help="e2e: PNG of throughput and latency")
+    p.add_argument("--max-batch", type=int, help="e2e: worker batch cap")
+    _broker_flags(p)
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("demo", help="run the whole path end to end on synthetic events")
-    p.add_argument("--events", type=int, default=3000, help="synthetic events to stream (default 3000)")
+    p.add_argument("--events", type=int, default=3000, help="synthetic events to stream (default 3000; 10000 with --loop)")
+    p.add_argument("--loop", action="store_true", help="the closed loop: cold start, snapshots, retrain, swap, hit rate")
     _broker_flags(p)
     p.set_defaults(func=cmd_demo)
     return parser

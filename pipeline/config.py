@@ -50,6 +50,8 @@ class Settings:
     max_batch: int = 1024  # events per batched step at most
     max_wait: float = 0.05  # seconds to wait for a batch to fill
     max_record_bytes: int = 16384  # larger input records go to the dead-letter topic
+    snapshot_dir: str = ""  # Parquet snapshots: a folder or pyarrow.fs URI; empty = <var_dir>/snapshots
+    snapshot_interval: float = 60.0  # seconds between snapshots; 0 = no snapshots
     metrics_port: int = 9464  # prometheus /metrics; 0 = off
     metrics_host: str = "127.0.0.1"  # interface for /metrics; 0.0.0.0 only inside a private network
     web_port: int = 6066  # faust's web server, bound to 127.0.0.1
@@ -71,6 +73,10 @@ class Settings:
     @property
     def models_path(self) -> Path:
         return Path(self.models_dir).expanduser() if self.models_dir else self.var_path / "models"
+
+    @property
+    def snapshot_root(self) -> str:
+        return self.snapshot_dir or str(self.var_path / "snapshots")
 
     @property
     def cache_path(self) -> Path:
@@ -136,6 +142,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"config: store must be rocksdb or memory, got {s.store!r}")
     if s.partitions < 1 or s.k < 1 or s.max_batch < 1 or s.recent_n < 1:
         raise ConfigError("config: partitions, k, max_batch and recent_n must be >= 1")
+    if s.snapshot_interval < 0:
+        raise ConfigError("config: snapshot_interval must be >= 0 seconds (0 = off)")
     if s.max_wait <= 0:
         raise ConfigError("config: max_wait must be > 0 seconds")
     if s.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):

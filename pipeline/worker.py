@@ -12,20 +12,26 @@ import logging
 import faust
 from prometheus_client import CollectorRegistry, start_http_server
 
-from models.artifacts import load_artifact
+from models.artifacts import current_version, load_artifact
 from models.lstm import resolve_device
 from models.online import OnlineConfig, OnlineRecommender
 from pipeline.agents import BatchHandler, register, register_model_watch
 from pipeline.app import create_app
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
+from pipeline.snapshots import SnapshotConsumer
 
 log = logging.getLogger(__name__)
 
 
 def build(settings: Settings, registry: CollectorRegistry | None = None):
     device = resolve_device(settings.device)
-    artifact = load_artifact(settings.models_path, device)
+    if current_version(settings.models_path) is None:
+        log.warning("worker: no model in %s yet: cold start, trending lists only, until one is published",
+                    settings.models_path)
+        artifact = None
+    else:
+        artifact = load_artifact(settings.models_path, device)
     recommender = OnlineRecommender(
         artifact,
         OnlineConfig(
@@ -38,20 +44,41 @@ def build(settings: Settings, registry: CollectorRegistry | None = None):
         device,
     )
     metrics = Metrics(registry or CollectorRegistry())
-    metrics.model.info({"version": artifact.version})
+    metrics.model.info({"version": recommender.version})
     streams = create_app(settings)
     handler = BatchHandler(streams, recommender, metrics, settings)
     register(streams, handler, settings)
     register_model_watch(streams, handler, settings)
-    return streams, handler
+    snapshots = None
+    if settings.snapshot_interval > 0:
+        snapshots = SnapshotConsumer(settings, metrics)
+
+        @streams.app.task
+        async def write_snapshots() -> None:
+            await snapshots.run()
+
+    return streams, handler, snapshots
+
+
+class RecurWorker(faust.Worker):
+    """faust.Worker that stops the snapshot consumer (final write and commit) before the app."""
+
+    def __init__(self, app: faust.App, snapshots: SnapshotConsumer | None, **kwargs) -> None:
+        self.snapshots = snapshots
+        super().__init__(app, **kwargs)
+
+    async def on_stop(self) -> None:
+        if self.snapshots is not None:
+            await self.snapshots.stop()
+        await super().on_stop()
 
 
 def run_worker(settings: Settings) -> None:
     (settings.var_path / "faust").mkdir(parents=True, exist_ok=True)
-    streams, handler = build(settings)
+    streams, handler, snapshots = build(settings)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=handler.metrics.registry)
     log.info("worker: model %s on %s, metrics on %s:%s", handler.recommender.version,
              handler.recommender.device, settings.metrics_host, settings.metrics_port or "off")
-    worker = faust.Worker(streams.app, loglevel=settings.log_level.upper(), quiet=True)
+    worker = RecurWorker(streams.app, snapshots, loglevel=settings.log_level.upper(), quiet=True)
     worker.execute_from_commandline()

@@ -118,7 +118,22 @@ def test_poison_records_are_dead_lettered_and_counted(stack):
     counted = sum(float(line.split()[-1]) for line in metrics.splitlines()
                   if line.startswith("recur_dead_letters_total{"))
     assert counted == injected
+    _assert_dashboard_metrics_are_exported(metrics)
     print(f"poison test: {len(valid)} valid + {injected} bad in; {len(recs)} recommendations, {len(dead)} dead letters {dict(reasons)}")
+
+
+def _assert_dashboard_metrics_are_exported(metrics_text: str) -> None:
+    """Every metric name the Grafana dashboard queries is one the live worker exports."""
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy/grafana/dashboards/recur.json").read_text())
+    queried = {name for panel in dashboard["panels"] for t in panel["targets"]
+               for name in re.findall(r"recur_[a-z0-9_]+", t["expr"])}
+    exported = {line.split("{")[0].split(" ")[0] for line in metrics_text.splitlines()
+                if line and not line.startswith("#")}
+    assert len(queried) >= 15
+    assert sorted(queried - exported) == []
 
 
 def _scrape(worker) -> str:

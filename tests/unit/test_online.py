@@ -105,3 +105,16 @@ def test_new_model_version_rewarms_users_from_recent_items():
     fresh = OnlineRecommender(new, OnlineConfig(k=5))
     _, expected = _run(fresh, [[_ev("a", "i1", 0)], [_ev("a", "i2", 1)], [_ev("a", "i3", 2)]])
     assert [i for i, _ in recs[0].items] == [i for i, _ in expected[2].items]
+
+
+def test_cold_start_serves_trending_then_a_published_model_takes_over():
+    rec = OnlineRecommender(None, OnlineConfig(k=3))
+    states, recs = _run(rec, [[_ev("a", "i1", 0), _ev("b", "i1", 1), _ev("a", "i2", 2)]])
+    assert {r.strategy for r in recs} == {"trending"} and {r.model_version for r in recs} == {"none"}
+    assert states["a"].recent_items == ["i1", "i2"] and states["a"].vector.size == 0
+    rec.use(_artifact("v1"))
+    changed, recs, stats = rec.process({"a": states["a"]}, [_ev("a", "i3", 3)])
+    assert stats.rewarmed == 1 and recs[0].strategy == "lstm" and recs[0].model_version == "v1"
+    fresh = OnlineRecommender(_artifact("v1"), OnlineConfig(k=3))
+    _, expected = _run(fresh, [[_ev("a", "i1", 0)], [_ev("a", "i2", 2)], [_ev("a", "i3", 3)]])
+    assert recs[0].items == expected[2].items

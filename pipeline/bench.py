@@ -1,0 +1,299 @@
+"""`recur bench step` and `recur bench e2e`: numbers for the README, not tests.
+
+    recur bench step --json [--device cpu|cuda] [--items 20000] [--users 1000000]
+    recur bench e2e --json [--events 200000] [--users 100000] [--plot bench-e2e.png]
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from models.lstm import ModelConfig, RecurrentRecommender, advance, resolve_device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_flops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's dense float32 matrix-multiply rate, FLOP/s (best of `repeats`)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+class StepBench:
+    """The worker's model path over a dense state store of `n_users` float16 rows."""
+
+    def __init__(self, n_items: int, embedding_dim: int, hidden_dim: int, layers: int, n_users: int,
+                 k: int, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.device = device
+        self.k = k
+        self.model = RecurrentRecommender(ModelConfig(n_items=n_items, embedding_dim=embedding_dim,
+                                                      hidden_dim=hidden_dim, num_layers=layers)).to(device).eval()
+        self.store = torch.zeros(n_users, self.model.config.state_size, dtype=torch.float16, device=device)
+        self.n_users = n_users
+        self.n_items = n_items
+
+    def inputs(self, batch: int, count: int = 16) -> list:
+        """`count` batches of distinct users, made before timing starts."""
+        perm = torch.randperm(self.n_users, device=self.device)
+        out = []
+        for n in range(count):
+            users = perm[(n * batch) % self.n_users:][:batch]
+            items = torch.randint(0, self.n_items, (users.numel(),), device=self.device)
+            types = torch.randint(0, 2, (users.numel(),), device=self.device)
+            out.append((users, items, types))
+        return out
+
+    def step(self, users, items, types) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            state = self.store[users].float()  # gather (B, S)
+            new_state, queries = advance(self.model, state, items, types)
+            scores = self.model.score(queries)  # (B, V)
+            top = torch.topk(scores, self.k, dim=1)
+            self.store[users] = new_state.to(torch.float16)  # scatter
+        return top.values, top.indices
+
+    def score_only(self, batch: int) -> float:
+        """Seconds for the catalog scoring GEMM alone at `batch` (best of 5)."""
+        q = torch.randn(batch, self.model.config.embedding_dim, device=self.device)
+        best = float("inf")
+        with torch.inference_mode():
+            self.model.score(q)
+            for _ in range(5):
+                _sync(self.device)
+                t = time.perf_counter()
+                self.model.score(q)
+                _sync(self.device)
+                best = min(best, time.perf_counter() - t)
+        return best
+
+    def events_per_s(self, batch: int, seconds: float = 2.0) -> float:
+        pool = self.inputs(batch)
+        self.step(*pool[0])  # warm-up
+        _sync(self.device)
+        n, i, started = 0, 0, time.perf_counter()
+        while True:
+            self.step(*pool[i % len(pool)])
+            i += 1
+            n += batch
+            if i % 8 == 0 or n >= 3 * batch:
+                _sync(self.device)
+                elapsed = time.perf_counter() - started
+                if elapsed >= seconds and n >= 3 * batch:
+                    return n / elapsed
+
+
+def run_step_bench(device_name: str, n_items: int, embedding_dim: int, hidden_dim: int, layers: int,
+                   n_users: int, k: int, batches: list[int], seconds: float) -> dict:
+    device = resolve_device(device_name)
+    bench = StepBench(n_items, embedding_dim, hidden_dim, layers, n_users, k, device)
+    results = [{"batch": b, "events_per_s": round(bench.events_per_s(b, seconds), 1)} for b in batches]
+    by_batch = {r["batch"]: r["events_per_s"] for r in results}
+    gemm = gemm_flops(device)
+    ref = 1024 if 1024 in by_batch else max(by_batch)
+    score_s = bench.score_only(ref)
+    score_flops = 2 * ref * embedding_dim * n_items / score_s
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {
+        "device": name,
+        "config": {"items": n_items, "embedding_dim": embedding_dim, "hidden_dim": hidden_dim, "layers": layers,
+                   "users_in_state": n_users, "k": k},
+        "results": results,
+        "speedup": round(by_batch[ref] / by_batch[min(by_batch)], 1),
+        "gemm_flops": round(gemm),
+        "scoring_flops_at_batch": round(score_flops),
+        "gemm_efficiency": round(score_flops / gemm, 3),
+    }
+
+
+# -- end to end through the broker ---------------------------------------------------------
+def _preload(settings, topic: str, n_events: int, n_users: int, n_items: int, seed: int = 1) -> None:
+    """n_events JSON events keyed by user, Zipf-ish items, timestamps of now."""
+    import json
+    import random
+
+    from pipeline.clients import producer
+
+    rng = random.Random(seed)
+    weights = [1.0 / (1 + r) for r in range(n_items)]
+    items = rng.choices(range(n_items), weights=weights, k=n_events)
+    now = int(time.time() * 1000)
+    prod = producer(settings)
+    for n in range(n_events):
+        user = f"u{rng.randrange(n_users)}"
+        value = {"user_id": user, "item_id": f"i{items[n]}", "event_type": "click", "timestamp": now, "event_id": f"e{n}"}
+        prod.send(topic, key=user.encode(), value=json.dumps(value, separators=(",", ":")).encode())
+    prod.flush()
+    prod.close()
+
+
+async def _passthrough(bootstrap: str, topic: str, out_topic: str, n_events: int) -> float:
+    """A plain aiokafka consume-and-produce loop; -> events per second."""
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-pass-{uuid.uuid4().hex[:6]}",
+                                auto_offset_reset="earliest")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await consumer.start()
+    await producer.start()
+    n, started = 0, None
+    try:
+        async for msg in consumer:
+            if started is None:
+                started = time.perf_counter()
+            await producer.send(out_topic, key=msg.key, value=b"1")
+            n += 1
+            if n >= n_events:
+                break
+        await producer.flush()
+        return n / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding_dim: int, hidden_dim: int,
+                  latency_seconds: float, plot: str | None, say) -> dict:
+    import asyncio
+    import dataclasses
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from models.artifacts import save_artifact
+    from models.data import Vocabulary
+    from pipeline.clients import consume, create_topics, end_offsets, producer
+
+    broker = None
+    if settings.local:
+        from pipeline.kafka_local import LocalKafka
+
+        broker = LocalKafka(settings)
+        say(broker.start())
+    run = time.strftime("%Y%m%d%H%M%S")
+    settings = dataclasses.replace(settings, app_id=f"bench-{run}", events_topic=f"bench-{run}-events",
+                                   recommendations_topic=f"bench-{run}-recs", dlq_topic=f"bench-{run}-dlq")
+    worker = None
+    try:
+        create_topics(settings)
+        say(f"preloading {n_events} events for {n_users} users")
+        _preload(settings, settings.events_topic, n_events, n_users, n_items)
+        say("(a) plain aiokafka consume-and-produce loop")
+        passthrough = asyncio.run(_passthrough(settings.bootstrap_servers, settings.events_topic,
+                                               f"bench-{run}-passthrough", n_events))
+        say(f"    {passthrough:.0f} events/s")
+        torch.manual_seed(0)
+        model = RecurrentRecommender(ModelConfig(n_items=n_items, embedding_dim=embedding_dim, hidden_dim=hidden_dim))
+        registry = tempfile.mkdtemp(prefix="recur-bench-")
+        save_artifact(registry, model, Vocabulary([f"i{n}" for n in range(n_items)]), {"source": "bench"}, publish=True)
+        env = {**os.environ, "RECUR_BOOTSTRAP": settings.bootstrap_servers, "RECUR_APP_ID": settings.app_id,
+               "RECUR_EVENTS_TOPIC": settings.events_topic, "RECUR_RECOMMENDATIONS_TOPIC": settings.recommendations_topic,
+               "RECUR_DLQ_TOPIC": settings.dlq_topic, "RECUR_MODELS_DIR": registry, "RECUR_VAR_DIR": registry,
+               "RECUR_METRICS_PORT": "0", "RECUR_LOG_LEVEL": "warning", "RECUR_DEVICE": settings.device,
+               "RECUR_MAX_BATCH": str(settings.max_batch), "RECUR_MAX_WAIT": str(settings.max_wait)}
+        say("(b) recur worker on the same topic")
+        log_file = open(os.path.join(registry, "worker.log"), "wb")
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=log_file,
+                                  stderr=subprocess.STDOUT)
+        emitted = []
+        for _k, value, _h in consume(settings, settings.recommendations_topic, n_events, 120.0):
+            emitted.append(json.loads(value)["emitted_at"])
+        if len(emitted) < n_events:
+            raise RuntimeError(f"bench: the worker sent {len(emitted)} of {n_events} recommendations; see {log_file.name}")
+        span = (max(emitted) - min(emitted)) / 1000
+        worker_eps = n_events / span
+        say(f"    {worker_eps:.0f} events/s")
+        rate = worker_eps / 2
+        say(f"(c) latency at {rate:.0f} events/s for {latency_seconds:.0f}s")
+        start = end_offsets(settings, settings.recommendations_topic)
+        prod = producer(settings)
+        sent, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < latency_seconds:
+            due = int((time.perf_counter() - t0) * rate)
+            while sent < due:
+                user = f"u{sent % n_users}"
+                value = {"user_id": user, "item_id": f"i{sent % n_items}", "event_type": "click",
+                         "timestamp": int(time.time() * 1000), "event_id": f"lat{sent}"}
+                prod.send(settings.events_topic, key=user.encode(), value=json.dumps(value).encode())
+                sent += 1
+            prod.flush()
+            time.sleep(0.005)
+        prod.close()
+        latencies = []
+        for _k, value, _h in consume(settings, settings.recommendations_topic, sent, 30.0, start_offsets=start):
+            rec = json.loads(value)
+            latencies.append(rec["emitted_at"] - rec["event_timestamp"])
+        latencies.sort()
+
+        def pct(p: float) -> float:
+            return float(latencies[min(len(latencies) - 1, int(p * len(latencies)))]) if latencies else float("nan")
+
+        result = {
+            "passthrough_events_per_s": round(passthrough, 1),
+            "worker_events_per_s": round(worker_eps, 1),
+            "ratio": round(worker_eps / passthrough, 3),
+            "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
+            "offered_events_per_s": round(rate, 1),
+            "latency_samples": len(latencies),
+            "config": {"events": n_events, "users": n_users, "items": n_items, "embedding_dim": embedding_dim,
+                       "hidden_dim": hidden_dim, "device": settings.device, "max_batch": settings.max_batch},
+        }
+        if plot:
+            _plot(result, latencies, plot)
+            result["plot"] = plot
+        return result
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if broker is not None:
+            say(broker.stop())
+
+
+def _plot(result: dict, latencies: list[float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["aiokafka passthrough", "recur worker"]
+    values = [result["passthrough_events_per_s"], result["worker_events_per_s"]]
+    a.bar(names, values, color=["#888", "#2a7"])
+    a.set_ylabel("events / s")
+    a.set_title(f"throughput (ratio {result['ratio']:.2f})")
+    for x, v in enumerate(values):
+        a.text(x, v, f"{v:.0f}", ha="center", va="bottom")
+    if latencies:
+        xs = sorted(latencies)
+        b.plot(xs, [i / len(xs) for i in range(1, len(xs) + 1)], color="#27a")
+        for p in ("p50", "p95", "p99"):
+            b.axvline(result["latency_ms"][p], ls="--", lw=0.8, color="#a33")
+            b.text(result["latency_ms"][p], 0.02, p, rotation=90, color="#a33")
+    b.set_xlabel("event timestamp -> recommendation sent (ms)")
+    b.set_ylabel("share of events")
+    b.set_title(f"latency at {result['offered_events_per_s']:.0f} events/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
