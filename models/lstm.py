@@ -100,9 +100,17 @@ class RecurrentRecommender(nn.Module):
         q = self.proj(self.drop(out))
         return q + x if self.config.input_skip else q
 
-    def score(self, queries: torch.Tensor) -> torch.Tensor:
-        """Scores for every item: queries (..., E) -> (..., V)."""
-        return queries @ self.output_embedding().T + self.item_bias
+    def score(self, queries: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores for every item: queries (..., E) -> (..., V).
+
+        For a (B, E) batch, `out` may be a reusable contiguous (B, V) buffer: writing into it
+        saves allocating (and page-faulting) a fresh B x V matrix on every step."""
+        weight = self.output_embedding()
+        if queries.dim() == 2:
+            if out is not None:
+                return torch.addmm(self.item_bias, queries, weight.T, out=out)
+            return torch.addmm(self.item_bias, queries, weight.T)
+        return queries @ weight.T + self.item_bias
 
     def _attend(self, q_src: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q_src (N, H), keys (N, W, H), mask (N, W) True = usable -> (N, H)."""
@@ -219,3 +227,25 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
+
+
+def top_k(scores: torch.Tensor, k: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of each row of `scores` (B, V) -> (values (B, k), indices (B, k)), sorted.
+
+    Two stages: the maximum of each chunk of `chunk` items, the k chunks with the highest
+    maxima, then top-k among those k * chunk candidates. Exact: every top-k item's chunk has a
+    maximum at least the k-th best score, and at most k chunks can. Equal to torch.topk up to
+    the order of exactly tied scores; falls back to torch.topk where it would not save work."""
+    B, V = scores.shape
+    n_chunks = V // chunk
+    if n_chunks < 4 * k or B < 16:  # small catalogs and batches: one topk call is cheaper
+        return torch.topk(scores, k, dim=1)
+    main = scores[:, : n_chunks * chunk].view(B, n_chunks, chunk)
+    best_chunks = torch.topk(main.amax(dim=2), k, dim=1).indices  # (B, k)
+    offsets = torch.arange(chunk, device=scores.device)
+    candidates = (best_chunks.unsqueeze(-1) * chunk + offsets).reshape(B, k * chunk)
+    if V > n_chunks * chunk:  # the last partial chunk is always a candidate
+        tail = torch.arange(n_chunks * chunk, V, device=scores.device).expand(B, -1)
+        candidates = torch.cat([candidates, tail], dim=1)
+    values, pos = torch.topk(scores.gather(1, candidates), k, dim=1)
+    return values, candidates.gather(1, pos)

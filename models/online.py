@@ -18,7 +18,7 @@ import torch
 from models.artifacts import Artifact
 from models.data import Vocabulary
 from models.events import Event
-from models.lstm import PURCHASE, RecurrentRecommender, advance, init_state
+from models.lstm import PURCHASE, RecurrentRecommender, advance, init_state, top_k
 
 _MAGIC = b"R1"
 _HEADER = struct.Struct("<2sI")  # magic, header length
@@ -242,10 +242,10 @@ class OnlineRecommender:
             types = torch.tensor([events[n].event.event_type for n, _ in known], device=self.device)
             with torch.inference_mode():
                 new_state, queries = advance(self.model, state, items, types)
-                scores = self.model.score(queries)  # (B, V)
+                scores = self.model.score(queries, out=self._score_buffer(len(known)))  # (B, V)
                 self._mask(scores, [current[events[n].event.user_id] for n, _ in known], items)
                 k = min(cfg.k, scores.size(1))
-                top_scores, top_idx = torch.topk(scores, k, dim=1)
+                top_scores, top_idx = top_k(scores, k)
             new_vectors = new_state.to(torch.float16).cpu().numpy()
             top_scores, top_idx = top_scores.cpu().numpy(), top_idx.cpu().numpy()
             for row, (n, _) in enumerate(known):
@@ -267,6 +267,14 @@ class OnlineRecommender:
                 recs[n] = self._emit(events[n], st, items_out, "lstm")
             else:
                 recs[n] = self._emit(events[n], st, self.trending.top(cfg.k, self._excluded(st)), "trending")
+
+    def _score_buffer(self, rows: int) -> torch.Tensor:
+        """A reusable (rows, V) buffer for scores (allocated once per model and batch size cap)."""
+        V = self.model.config.n_items
+        buf = getattr(self, "_scores", None)
+        if buf is None or buf.size(0) < rows or buf.size(1) != V or buf.device != self.device:
+            buf = self._scores = torch.empty(max(rows, 64), V, device=self.device)
+        return buf[:rows]
 
     def _excluded(self, st: UserState) -> set[str]:
         if not self.config.exclude_purchased:

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable
 
 from faust import streams as faust_streams
@@ -85,11 +86,16 @@ class BatchHandler:
             bind(source[user])
             table[user.encode()] = state.encode()
         sent_ms = int(time.time() * 1000)
+        producer = self.streams.app.producer  # straight to the producer: no per-record faust bookkeeping
+        topic = self.settings.recommendations_topic
+        strategies: Counter[str] = Counter()
         for rec in recs:
             key, value = encode_recommendation(rec, sent_ms)
-            await self.streams.recommendations.send(key=key, value=value)
-            self.metrics.recommendations.labels(rec.strategy).inc()
+            await producer.send(topic, key, value, None, None, None)
+            strategies[rec.strategy] += 1
             self.metrics.e2e_seconds.observe(max(0.0, (sent_ms - rec.event_timestamp) / 1000.0))
+        for strategy, n in strategies.items():
+            self.metrics.recommendations.labels(strategy).inc(n)
         m = self.metrics
         m.batch_size.observe(len(valid))
         for etype, n in stats.by_type.items():
@@ -99,7 +105,6 @@ class BatchHandler:
         m.hits.inc(stats.hits)
         m.hit_opportunities.inc(stats.hit_opportunities)
         m.rewarmed.inc(stats.rewarmed)
-        m.users.set(len(table))
         self._lag(last_offsets)
 
     def _lag(self, last_offsets: dict) -> None:
@@ -158,3 +163,12 @@ def register_model_watch(streams: Streams, handler: BatchHandler, settings: Sett
             log.error("model: version %s was not loaded: %s", version, e)
             return
         handler.pending = artifact
+
+
+def register_users_gauge(streams: Streams, metrics: Metrics, interval: float = 60.0) -> None:
+    """Users in state: counting keys walks the whole store, so it runs on a slow timer,
+    never per batch."""
+
+    @streams.app.timer(interval)
+    async def count_users() -> None:
+        metrics.users.set(len(streams.state))

@@ -48,7 +48,11 @@ def create_app(settings: Settings) -> Streams:
         topic_replication_factor=1,
         processing_guarantee="at_least_once",  # exactly_once has open bugs; state updates are idempotent
         producer_acks=-1,  # wait for the broker's acknowledgement
+        producer_max_batch_size=512 * 1024,  # a batch writes ~1 state record per user: send them in bulk
+        producer_linger=0.005,
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=10.0,  # a crashed worker's partitions move on after 10 s
+        broker_heartbeat_interval=3.0,
         stream_buffer_maxsize=max(4096, settings.max_batch * 2),
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
@@ -71,4 +75,7 @@ def create_app(settings: Settings) -> Streams:
         partitions=settings.partitions,
         use_partitioner=True,  # writes inside take() go to the key's partition
     )
+    # table writes queue in faust's producer buffer; its default cap (100 messages) makes every
+    # batch wait for the changelog a hundred records at a time
+    app.producer.buffer.max_messages = max(1000, settings.max_batch * 4)
     return Streams(app, events, recs, dlq, state)

@@ -32,8 +32,12 @@ def run_demo(settings: Settings, n_events: int) -> int:
             from pipeline.kafka_local import LocalKafka
 
             broker = LocalKafka(settings)
-            started = time.monotonic()
-            _say(broker.start() + f" in {time.monotonic() - started:.1f}s")
+            if broker.pid() is not None:
+                _say(broker.status() + " (left running afterwards)")
+                broker = None
+            else:
+                started = time.monotonic()
+                _say(broker.start() + f" in {time.monotonic() - started:.1f}s")
         created = create_topics(settings)
         _say(f"topics ready ({', '.join(created) or 'already there'})")
         if current_version(settings.models_path) is None:
@@ -107,7 +111,10 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
             from pipeline.kafka_local import LocalKafka
 
             broker = LocalKafka(settings)
-            _say(broker.start())
+            if broker.pid() is not None:
+                broker = None  # already running: leave it running afterwards
+            else:
+                _say(broker.start())
         create_topics(settings)
         home.mkdir(parents=True, exist_ok=True)
         with open(home / "worker.log", "wb") as log_file:

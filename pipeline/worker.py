@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from models.artifacts import current_version, load_artifact
 from models.lstm import resolve_device
 from models.online import OnlineConfig, OnlineRecommender
-from pipeline.agents import BatchHandler, register, register_model_watch
+from pipeline.agents import BatchHandler, register, register_model_watch, register_users_gauge
 from pipeline.app import create_app
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
@@ -49,6 +49,7 @@ def build(settings: Settings, registry: CollectorRegistry | None = None):
     handler = BatchHandler(streams, recommender, metrics, settings)
     register(streams, handler, settings)
     register_model_watch(streams, handler, settings)
+    register_users_gauge(streams, metrics)
     snapshots = None
     if settings.snapshot_interval > 0:
         snapshots = SnapshotConsumer(settings, metrics)

@@ -74,3 +74,15 @@ def test_bad_config_and_device():
         assert resolve_device("auto").type == "cpu"
         with pytest.raises(ModelError):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("B,V", [(1, 20000), (17, 20011), (64, 5000), (3, 100)])
+def test_fast_top_k_returns_exactly_torch_topk(B, V):
+    from models.lstm import top_k
+
+    torch.manual_seed(V)
+    scores = torch.randn(B, V)
+    scores[0, : V // 3] = float("-inf")  # masked items (purchased) in one row
+    expected = torch.topk(scores, 20, dim=1)
+    values, indices = top_k(scores, 20)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
