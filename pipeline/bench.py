@@ -186,16 +186,10 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
     from models.artifacts import save_artifact
     from models.data import Vocabulary
     from pipeline.clients import consume, create_topics, end_offsets, producer
+    from pipeline.kafka_local import start_if_needed
 
-    broker = None
-    if settings.local:
-        from pipeline.kafka_local import LocalKafka
-
-        broker = LocalKafka(settings)
-        if broker.pid() is not None:
-            broker = None  # already running: leave it running afterwards
-        else:
-            say(broker.start())
+    broker, line = start_if_needed(settings)
+    say(line)
     run = time.strftime("%Y%m%d%H%M%S")
     settings = dataclasses.replace(settings, app_id=f"bench-{run}", events_topic=f"bench-{run}-events",
                                    recommendations_topic=f"bench-{run}-recs", dlq_topic=f"bench-{run}-dlq")

@@ -18,6 +18,7 @@ import time
 from models.artifacts import current_version
 from pipeline.clients import consume, create_topics, end_offsets, produce_events, shift_to_now
 from pipeline.config import Settings
+from pipeline.kafka_local import start_if_needed
 
 
 def _say(line: str) -> None:
@@ -28,16 +29,8 @@ def run_demo(settings: Settings, n_events: int) -> int:
     broker = None
     worker = None
     try:
-        if settings.local:
-            from pipeline.kafka_local import LocalKafka
-
-            broker = LocalKafka(settings)
-            if broker.pid() is not None:
-                _say(broker.status() + " (left running afterwards)")
-                broker = None
-            else:
-                started = time.monotonic()
-                _say(broker.start() + f" in {time.monotonic() - started:.1f}s")
+        broker, line = start_if_needed(settings)
+        _say(line)
         created = create_topics(settings)
         _say(f"topics ready ({', '.join(created) or 'already there'})")
         if current_version(settings.models_path) is None:
@@ -107,14 +100,8 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
     before, after = events[:n_events], events[n_events:]
     broker = worker = None
     try:
-        if settings.local:
-            from pipeline.kafka_local import LocalKafka
-
-            broker = LocalKafka(settings)
-            if broker.pid() is not None:
-                broker = None  # already running: leave it running afterwards
-            else:
-                _say(broker.start())
+        broker, line = start_if_needed(settings)
+        _say(line)
         create_topics(settings)
         home.mkdir(parents=True, exist_ok=True)
         with open(home / "worker.log", "wb") as log_file:

@@ -233,3 +233,17 @@ def _reaped(pid: int) -> bool:
             return stat.exists() and stat.read_text().split()[2] == "Z"
         except ProcessLookupError:
             return True
+
+
+def start_if_needed(settings: Settings) -> tuple[LocalKafka | None, str]:
+    """For commands that need a broker for a while (demo, bench): start the local one unless
+    RECUR_BOOTSTRAP names another or it is already running. -> (the broker to stop afterwards,
+    or None to leave things as they were; a status line)."""
+    if not settings.local:
+        return None, f"using the broker at {settings.bootstrap}"
+    broker = LocalKafka(settings)
+    if broker.pid() is not None:
+        return None, broker.status() + " (left running afterwards)"
+    started = time.monotonic()
+    line = broker.start()
+    return broker, f"{line} in {time.monotonic() - started:.1f}s"
