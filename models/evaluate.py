@@ -8,7 +8,6 @@ counted against the model: rank = number of items scoring >= the target.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -106,11 +105,6 @@ def evaluate_scorer(
         if progress:
             progress(len(ranks))
     return metrics.result()
-
-
-def ndcg_of_rank(rank: int) -> float:
-    """NDCG of one prediction at `rank` (1-based) with a single relevant item."""
-    return 1.0 / math.log2(rank + 1)
 
 
 def online_hit_rate(events: Sequence, lists: dict[str, list[str]], window: set[str] | None = None) -> tuple[float, int]:

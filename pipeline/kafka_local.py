@@ -204,14 +204,6 @@ class LocalKafka:
         self.pid_file.unlink(missing_ok=True)
         return f"kafka stopped (pid {pid})"
 
-    def kill(self) -> None:
-        """SIGKILL the broker (tests of broker failure)."""
-        pid = self.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            while not _reaped(pid) and self.pid() is not None:
-                time.sleep(0.1)
-
     def status(self) -> str:
         pid = self.pid()
         if pid is not None and self.answers():
