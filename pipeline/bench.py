@@ -206,11 +206,9 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
         model = RecurrentRecommender(ModelConfig(n_items=n_items, embedding_dim=embedding_dim, hidden_dim=hidden_dim))
         registry = tempfile.mkdtemp(prefix="recur-bench-")
         save_artifact(registry, model, Vocabulary([f"i{n}" for n in range(n_items)]), {"source": "bench"}, publish=True)
-        env = {**os.environ, "RECUR_BOOTSTRAP": settings.bootstrap_servers, "RECUR_APP_ID": settings.app_id,
-               "RECUR_EVENTS_TOPIC": settings.events_topic, "RECUR_RECOMMENDATIONS_TOPIC": settings.recommendations_topic,
-               "RECUR_DLQ_TOPIC": settings.dlq_topic, "RECUR_MODELS_DIR": registry, "RECUR_VAR_DIR": registry,
-               "RECUR_METRICS_PORT": "0", "RECUR_LOG_LEVEL": "warning", "RECUR_DEVICE": settings.device,
-               "RECUR_MAX_BATCH": str(settings.max_batch), "RECUR_MAX_WAIT": str(settings.max_wait)}
+        worker_settings = dataclasses.replace(settings, bootstrap=settings.bootstrap_servers, models_dir=registry,
+                                              var_dir=registry, metrics_port=0, log_level="warning")
+        env = {**os.environ, **worker_settings.to_env()}
         say("(b) recur worker on the same topic")
         log_file = open(os.path.join(registry, "worker.log"), "wb")
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=log_file,

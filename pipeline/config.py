@@ -95,6 +95,15 @@ class Settings:
             out["ssl_cafile"] = self.ssl_cafile
         return out
 
+    def to_env(self) -> dict[str, str]:
+        """Every setting as a RECUR_* variable: how a child process (a worker started by the
+        demo or a benchmark) gets exactly these settings. Inverse of `load_settings`."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[ENV_PREFIX + f.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
+
     def public(self) -> dict[str, Any]:
         """Values safe to print: secrets masked."""
         out = dataclasses.asdict(self)

@@ -8,6 +8,7 @@ they arrive, then stops the worker and the broker cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ def run_demo(settings: Settings, n_events: int) -> int:
                             "--out", str(settings.models_path)], check=True)
         _say(f"model {current_version(settings.models_path)}")
         log_path = settings.var_path / "demo-worker.log"
-        env = {**os.environ, "RECUR_BOOTSTRAP": settings.bootstrap_servers}
+        env = {**os.environ, **dataclasses.replace(settings, bootstrap=settings.bootstrap_servers).to_env()}
         with open(log_path, "wb") as log_file:
             worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env,
                                       stdout=log_file, stderr=subprocess.STDOUT)
@@ -78,8 +79,6 @@ def run_demo(settings: Settings, n_events: int) -> int:
 
 def run_loop_demo(settings: Settings, n_events: int) -> int:
     """The closed loop: cold worker -> snapshots -> `recur train` on them -> publish -> hit rate up."""
-    import dataclasses
-
     from models.evaluate import online_hit_rate
     from models.synthetic import SyntheticConfig, generate
 
@@ -90,11 +89,9 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
         recommendations_topic=f"loop-{run}-recommendations", dlq_topic=f"loop-{run}-dlq",
         models_dir=str(home / "models"), snapshot_dir=str(home / "snapshots"),
     )
-    env = {**os.environ, "RECUR_BOOTSTRAP": settings.bootstrap_servers, "RECUR_APP_ID": settings.app_id,
-           "RECUR_EVENTS_TOPIC": settings.events_topic, "RECUR_RECOMMENDATIONS_TOPIC": settings.recommendations_topic,
-           "RECUR_DLQ_TOPIC": settings.dlq_topic, "RECUR_MODELS_DIR": settings.models_dir,
-           "RECUR_SNAPSHOT_DIR": settings.snapshot_dir, "RECUR_SNAPSHOT_INTERVAL": "2",
-           "RECUR_MODEL_POLL_INTERVAL": "1", "RECUR_VAR_DIR": str(home)}
+    worker_settings = dataclasses.replace(settings, bootstrap=settings.bootstrap_servers, var_dir=str(home),
+                                          snapshot_interval=2.0, model_poll_interval=1.0)
+    env = {**os.environ, **worker_settings.to_env()}
     shop = dict(n_items=400, n_categories=20, catalog_seed=5)
     events = shift_to_now(generate(SyntheticConfig(n_events=n_events + 2000, n_users=300, seed=42, **shop)))
     before, after = events[:n_events], events[n_events:]

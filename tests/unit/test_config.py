@@ -25,3 +25,8 @@ def test_secrets_are_masked_and_passed_to_clients():
     assert s.public()["sasl_password"] == "***"
     opts = s.kafka_python_security()
     assert opts["security_protocol"] == "SASL_SSL" and opts["sasl_plain_password"] == "p"
+
+
+def test_settings_hand_over_to_a_child_process_unchanged():
+    s = load_settings({"RECUR_K": "7", "RECUR_EXCLUDE_CURRENT": "true", "RECUR_MAX_WAIT": "0.2"})
+    assert load_settings(s.to_env()) == s
