@@ -24,29 +24,61 @@ def _popularity(sessions: Sequence[IndexedSession], n_items: int) -> np.ndarray:
     return counts
 
 
+def _first_occurrence_bonus(order: list[int], size: int) -> np.ndarray:
+    """`order`: distinct keys (< `size`) in order of first occurrence -> (size,) bonus in [0, 1),
+    larger for an earlier key, 0 for keys never seen. Added to integer counts, it orders equal
+    counts by first occurrence, as `collections.Counter.most_common` does, and never outranks
+    one more count."""
+    bonus = np.zeros(size, dtype=np.float64)
+    bonus[order] = 1.0 - np.arange(1, len(order) + 1, dtype=np.float64) / (len(order) + 1.0)
+    return bonus
+
+
+def _popularity_ranking(sessions: Sequence[IndexedSession], n_items: int) -> np.ndarray:
+    """Click counts, equal counts ordered by first occurrence in the training sessions."""
+    first: dict[int, None] = {}
+    for s in sessions:
+        first.update(dict.fromkeys(s.items.tolist()))
+    return _popularity(sessions, n_items) + _first_occurrence_bonus(list(first), n_items)
+
+
 def popular(sessions: Sequence[IndexedSession], n_items: int) -> Callable[[list[int]], np.ndarray]:
-    """Most popular items, whatever the prefix."""
-    counts = _popularity(sessions, n_items)
-    return lambda prefix: counts
+    """Most popular items (by clicks in training), whatever the prefix; equal counts are ordered
+    by first occurrence in the training sessions (in the order given: by start time)."""
+    ranking = _popularity_ranking(sessions, n_items)
+    return lambda prefix: ranking
 
 
 def successor_rules(sessions: Sequence[IndexedSession], n_items: int) -> Callable[[list[int]], np.ndarray]:
-    """Items that most often directly followed the current item; ties and the rest by popularity."""
-    pop = _popularity(sessions, n_items)
-    tie_break = pop / (pop.max() + 1.0)  # in [0, 1): never outranks one more successor count
-    succ: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    """Items that most often directly followed the current item, then the popular items.
+
+    A ranked list, like `Counter.most_common`: successors by how often they followed, equal
+    counts by which pair occurred first in the training sessions (in the order given); after
+    them every other item in the `popular` order. The scores are strictly ordered, so the
+    ties-against rule of the evaluator does not come into play."""
+    pop = _popularity_ranking(sessions, n_items)
+    fill = pop / (pop.max() + 1.0)  # in [0, 1): below every successor
+    succ: dict[int, dict[int, list[int]]] = defaultdict(dict)  # a -> b -> [count, first pair position]
+    n_pairs = 0
     for s in sessions:
         for a, b in zip(s.items[:-1].tolist(), s.items[1:].tolist()):
-            succ[a][b] += 1
+            entry = succ[a].get(b)
+            if entry is None:
+                succ[a][b] = [1, n_pairs]
+                n_pairs += 1
+            else:
+                entry[0] += 1
     rules = {}
     for a, nexts in succ.items():
-        rules[a] = (np.fromiter(nexts.keys(), dtype=np.int64), np.fromiter(nexts.values(), dtype=np.float64))
+        counts = np.array(list(nexts.values()), dtype=np.float64)  # (n, 2): count, first position
+        first = 1.0 - (counts[:, 1] + 1.0) / (n_pairs + 1.0)  # earlier pair -> larger, in (0, 1)
+        rules[a] = (np.fromiter(nexts.keys(), dtype=np.int64), 1.0 + counts[:, 0] + first)
 
     def score(prefix: list[int]) -> np.ndarray:
-        scores = tie_break.copy()
+        scores = fill.copy()
         if prefix[-1] in rules:
-            idx, cnt = rules[prefix[-1]]
-            scores[idx] += cnt
+            idx, val = rules[prefix[-1]]
+            scores[idx] = val
         return scores
 
     return score

@@ -28,16 +28,26 @@ def test_metrics_on_a_hand_computed_example():
     assert math.isclose(r["ndcg@3"], (1 + 1 / math.log2(3) + 1 / math.log2(4)) / 4)
 
 
-def test_successor_rules_and_pop():
-    train = [_s(0, 1), _s(0, 1), _s(0, 2), _s(3, 3, 3)]
-    sr = successor_rules(train, 4)
-    scores = sr([0])
-    assert np.argmax(scores) == 1 and scores[1] > scores[2] > scores[3]
-    test = [_s(0, 1, 2)]  # 0->1 ranks 1st; 1 has no rule, so pop decides and 2 ranks 4th
-    res = evaluate_scorer(sr, test, k=2)
-    assert res["n"] == 2 and res["recall@2"] == 0.5
-    pop = popular(train, 4)
-    assert pop([0]).tolist() == [3, 2, 1, 3]
+def _order(scores):
+    return np.argsort(-scores, kind="stable").tolist()
+
+
+def test_successor_rules_rank_by_count_then_first_occurrence_then_popularity():
+    # successors of 0: 1 once (first pair), 2 twice, 3 once (later pair); item 4 never seen
+    train = [_s(0, 1), _s(0, 2), _s(0, 2), _s(0, 3), _s(3, 1)]
+    sr = successor_rules(train, 5)
+    assert _order(sr([0])) == [2, 1, 3, 0, 4]  # count 2, then the earlier of two count-1 pairs; then pop
+    assert _order(sr([1])) == [0, 1, 2, 3, 4]  # no rule for 1: popularity (4 clicks, then three with 2)
+    assert len(set(sr([0]).tolist())) == 5  # a strict ranking: no ties for the evaluator to count
+    res = evaluate_scorer(sr, [_s(0, 3, 1)], k=2)  # 0->3 ranks 3rd (miss at 2); 3->1 ranks 1st
+    assert res["n"] == 2 and res["recall@2"] == 0.5 and math.isclose(res["mrr@2"], 0.5)
+
+
+def test_pop_ranks_by_clicks_then_first_occurrence():
+    train = [_s(3, 1), _s(0, 1), _s(0, 2, 2)]  # clicks: 0:2, 1:2, 2:2, 3:1 -> equal counts, 1 seen first
+    pop = popular(train, 5)
+    assert _order(pop([4])) == [1, 0, 2, 3, 4]
+    assert np.floor(pop([4])).tolist() == [2, 2, 2, 1, 0]  # the counts are kept; the bonus is < 1
 
 
 def test_sknn_votes_for_items_of_similar_sessions():
