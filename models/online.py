@@ -7,12 +7,12 @@ event. It never touches Kafka; the worker decodes, calls it, and writes back.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 import torch
 
 from models.artifacts import Artifact
@@ -37,7 +37,7 @@ class UserState:
     last_strategy: str = ""
 
     def encode(self) -> bytes:
-        header = json.dumps(
+        header = orjson.dumps(
             {
                 "v": self.model_version,
                 "o": self.last_offset,
@@ -45,9 +45,8 @@ class UserState:
                 "t": self.recent_types,
                 "r": self.last_recs,
                 "s": self.last_strategy,
-            },
-            separators=(",", ":"),
-        ).encode()
+            }
+        )
         return _HEADER.pack(_MAGIC, len(header)) + header + self.vector.astype(np.float16).tobytes()
 
     @classmethod
@@ -55,7 +54,7 @@ class UserState:
         magic, n = _HEADER.unpack_from(raw)
         if magic != _MAGIC:
             raise ValueError("state record has an unknown format")
-        h = json.loads(raw[_HEADER.size : _HEADER.size + n])
+        h = orjson.loads(raw[_HEADER.size : _HEADER.size + n])
         vector = np.frombuffer(raw[_HEADER.size + n :], dtype=np.float16).copy()
         return cls(h["v"], h["o"], vector, h["i"], h["t"], h["r"], h["s"])
 
@@ -75,10 +74,15 @@ class InputEvent:
 class Recommendation:
     user_id: str
     event_id: str
-    items: list[tuple[str, float]]
+    item_ids: list[str]  # best first
+    scores: list[float]  # the model's score of each (0.0 for a re-sent list; counts for trending)
     strategy: str  # "lstm", "trending" or "repeat" (a re-sent list for an already applied event)
     model_version: str
     event_timestamp: int  # ms
+
+    @property
+    def items(self) -> list[tuple[str, float]]:
+        return list(zip(self.item_ids, self.scores))
 
 
 @dataclass
@@ -211,8 +215,8 @@ class OnlineRecommender:
         return changed, [r for r in recs if r is not None], stats
 
     def _repeat(self, ev: InputEvent, st: UserState) -> Recommendation:
-        items = [(i, 0.0) for i in st.last_recs]
-        return Recommendation(ev.event.user_id, ev.event_id, items, "repeat", self.version, ev.event.timestamp_ms)
+        return Recommendation(ev.event.user_id, ev.event_id, st.last_recs, [0.0] * len(st.last_recs), "repeat",
+                              self.version, ev.event.timestamp_ms)
 
     def _round(self, members, events, current, recs, stats) -> None:
         cfg = self.config
@@ -247,26 +251,29 @@ class OnlineRecommender:
                 k = min(cfg.k, scores.size(1))
                 top_scores, top_idx = top_k(scores, k)
             new_vectors = new_state.to(torch.float16).cpu().numpy()
-            top_scores, top_idx = top_scores.cpu().numpy(), top_idx.cpu().numpy()
+            finite = torch.isfinite(top_scores).cpu().numpy()  # masked items score -inf
+            top_scores = top_scores.cpu().numpy().round(4).tolist()
+            top_idx = top_idx.cpu().numpy().tolist()
+            names = self.vocab.items
             for row, (n, _) in enumerate(known):
                 st = current[events[n].event.user_id]
                 st.vector = new_vectors[row]
-                items_out = [
-                    (self.vocab.items[j], round(float(s), 4))
-                    for j, s in zip(top_idx[row], top_scores[row])
-                    if s != float("-inf")
-                ]
-                recs[n] = self._emit(events[n], st, items_out, "lstm")
+                ids, scores_row = top_idx[row], top_scores[row]
+                if not finite[row].all():
+                    ids = [j for j, ok in zip(ids, finite[row]) if ok]
+                    scores_row = scores_row[: len(ids)]  # -inf sorts last
+                recs[n] = self._emit(events[n], st, [names[j] for j in ids], scores_row, "lstm")
         known_rows = {n for n, _ in known}
         for n in members:
             if n in known_rows:
                 continue
             st = current[events[n].event.user_id]
             if st.last_recs and st.last_strategy == "lstm":
-                items_out = [(i, 0.0) for i in st.last_recs]  # the model cannot use this item: keep the last list
-                recs[n] = self._emit(events[n], st, items_out, "lstm")
+                # the model cannot use this item: keep the last list
+                recs[n] = self._emit(events[n], st, st.last_recs, [0.0] * len(st.last_recs), "lstm")
             else:
-                recs[n] = self._emit(events[n], st, self.trending.top(cfg.k, self._excluded(st)), "trending")
+                top = self.trending.top(cfg.k, self._excluded(st))
+                recs[n] = self._emit(events[n], st, [i for i, _ in top], [c for _, c in top], "trending")
 
     def _score_buffer(self, rows: int) -> torch.Tensor:
         """A reusable (rows, V) buffer for scores (allocated once per model and batch size cap)."""
@@ -291,7 +298,9 @@ class OnlineRecommender:
                 if bought:
                     scores[row, bought] = float("-inf")
 
-    def _emit(self, ev: InputEvent, st: UserState, items: list[tuple[str, float]], strategy: str) -> Recommendation:
-        st.last_recs = [i for i, _ in items]
+    def _emit(self, ev: InputEvent, st: UserState, item_ids: list[str], scores: list[float],
+              strategy: str) -> Recommendation:
+        st.last_recs = item_ids
         st.last_strategy = strategy
-        return Recommendation(ev.event.user_id, ev.event_id, items, strategy, self.version, ev.event.timestamp_ms)
+        return Recommendation(ev.event.user_id, ev.event_id, item_ids, scores, strategy, self.version,
+                              ev.event.timestamp_ms)

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from faust import streams as faust_streams
-from faust.types import EventT
+from faust.types import TP, EventT
 
 from models.artifacts import Artifact
 from models.errors import BadRecord, RecurError
@@ -82,9 +82,7 @@ class BatchHandler:
         started = time.perf_counter()
         changed, recs, stats = self.recommender.process(states, valid)
         self.metrics.step_seconds.observe(time.perf_counter() - started)
-        for user, state in changed.items():
-            bind(source[user])
-            table[user.encode()] = state.encode()
+        await self.write_states(changed, source, bind)
         sent_ms = int(time.time() * 1000)
         producer = self.streams.app.producer  # straight to the producer: no per-record faust bookkeeping
         topic = self.settings.recommendations_topic
@@ -106,6 +104,44 @@ class BatchHandler:
         m.hit_opportunities.inc(stats.hit_opportunities)
         m.rewarmed.inc(stats.rewarmed)
         self._lag(last_offsets)
+
+    async def write_states(self, changed: dict[str, UserState], source: dict[str, EventT],
+                           bind: Callable[[EventT], None]) -> None:
+        """Write the batch's changed states to the local store and the table's changelog.
+
+        What `table[key] = value` does, minus faust's per-key bookkeeping (a changelog
+        future, a callback and a RocksDB write of the changelog offset for every key),
+        which cost as much as the model step. The store write goes through `table.data`;
+        the changelog record goes straight to the app's producer, to the partition of the
+        user's events (the table's partition); the changelog offset the store remembers
+        for recovery is written once per partition when the broker has acknowledged the
+        batch. Faust flushes the producer before it commits input offsets, so a batch's
+        events are committed only after its state is durable. The table stores raw bytes
+        (see `pipeline/app.py`), so store and changelog hold the same bytes."""
+        if not changed:
+            return
+        table = self.streams.state
+        store = table.data
+        topic = table.changelog_topic.get_topic_name()
+        producer = self.streams.app.producer
+        pending = []
+        for user, state in changed.items():
+            event = source[user]
+            key, value = user.encode(), state.encode()
+            bind(event)  # the store files the write under the current event's partition
+            store[key] = value
+            pending.append(await producer.send(topic, key, value, event.message.partition, None, None))
+
+        def persisted(done: asyncio.Future) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return  # the producer reports send errors itself; recovery then reads more
+            last: dict[int, int] = {}
+            for meta in done.result():
+                last[meta.partition] = max(meta.offset, last.get(meta.partition, -1))
+            for partition, offset in last.items():
+                store.set_persisted_offset(TP(topic, partition), offset)
+
+        asyncio.gather(*pending).add_done_callback(persisted)
 
     def _lag(self, last_offsets: dict) -> None:
         consumer = self.streams.app.consumer

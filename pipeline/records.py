@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import orjson
 
 from models.errors import BadRecord
 from models.events import Event, parse_event
@@ -16,8 +16,8 @@ def decode_event(key: bytes | None, value: bytes | None, max_bytes: int, now_ms:
     if len(value) > max_bytes:
         raise BadRecord("too_large", f"value is {len(value)} bytes, limit {max_bytes}")
     try:
-        obj = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:  # also invalid UTF-8
         raise BadRecord("invalid_json", "value is not valid UTF-8 JSON") from None
     event = parse_event(obj, now_ms)
     if key is None:
@@ -29,7 +29,7 @@ def decode_event(key: bytes | None, value: bytes | None, max_bytes: int, now_ms:
 
 def encode_event(event: Event) -> tuple[bytes, bytes]:
     """-> (key, value) for the events topic."""
-    return event.user_id.encode(), json.dumps(event.to_wire(), separators=(",", ":")).encode()
+    return event.user_id.encode(), orjson.dumps(event.to_wire())
 
 
 def encode_recommendation(rec: Recommendation, emitted_at_ms: int) -> tuple[bytes, bytes]:
@@ -37,13 +37,13 @@ def encode_recommendation(rec: Recommendation, emitted_at_ms: int) -> tuple[byte
     value = {
         "user_id": rec.user_id,
         "event_id": rec.event_id,
-        "items": [{"item_id": i, "score": s} for i, s in rec.items],
+        "items": [{"item_id": i, "score": s} for i, s in zip(rec.item_ids, rec.scores)],
         "strategy": rec.strategy,
         "model_version": rec.model_version,
         "event_timestamp": rec.event_timestamp,
         "emitted_at": emitted_at_ms,
     }
-    return rec.user_id.encode(), json.dumps(value, separators=(",", ":")).encode()
+    return rec.user_id.encode(), orjson.dumps(value)
 
 
 def dlq_headers(topic: str, partition: int, offset: int, error: BadRecord) -> list[tuple[str, bytes]]:

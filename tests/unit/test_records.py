@@ -50,7 +50,7 @@ def test_wire_round_trip_and_recommendation_schema():
     e = decode_event(b"u1", _value(event_id="e7", session_id="s"), 4096, NOW)
     key, value = encode_event(e)
     assert decode_event(key, value, 4096, NOW) == e
-    rec = Recommendation("u1", "e7", [("a", 1.5), ("b", 0.5)], "lstm", "v1", 1_700_000_000_000)
+    rec = Recommendation("u1", "e7", ["a", "b"], [1.5, 0.5], "lstm", "v1", 1_700_000_000_000)
     key, value = encode_recommendation(rec, 1_700_000_000_250)
     out = json.loads(value)
     assert key == b"u1"
