@@ -9,6 +9,7 @@ import ssl
 from dataclasses import dataclass
 
 import faust
+import faust.transport.drivers.aiokafka as faust_aiokafka
 
 from pipeline.config import Settings
 
@@ -36,7 +37,32 @@ def _credentials(settings: Settings):
     )
 
 
+def _limit_fetch_wait(ms: int) -> None:
+    """Make faust's consumer ask the broker to hold a fetch with no new data for `ms`.
+
+    Faust's aiokafka driver hard-codes 1,500 ms and has no setting for it. aiokafka keeps
+    one fetch in flight per broker and leaves out partitions whose records are still being
+    processed, so the broker holds that fetch for the full wait on partitions with nothing
+    new (the table's changelog), and no new events reach the worker meanwhile: under a
+    steady 700 events/s the worker stalled 0.7-1.5 s every couple of seconds (p50 latency
+    1.3 s; 93 ms with a 10 ms wait). The wait is set on the consumer faust creates, before
+    it starts (aiokafka reads it when it builds its fetcher)."""
+    create = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(create, "recur_fetch_wait_ms", None) == ms:
+        return
+
+    def create_worker_consumer(self, transport):  # noqa: ANN001, ANN202 - faust's signature
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = ms
+        return consumer
+
+    create_worker_consumer.recur_fetch_wait_ms = ms
+    create_worker_consumer.__wrapped__ = getattr(create, "__wrapped__", create)
+    faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
+
+
 def create_app(settings: Settings) -> Streams:
+    _limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
     store = "memory://" if settings.store == "memory" else "rocksdb://"
     app = faust.App(
         settings.app_id,

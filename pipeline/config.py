@@ -48,7 +48,9 @@ class Settings:
     exclude_current: bool = False  # never recommend the item just viewed
     trending_window: int = 10000  # events counted for cold-start trending items
     max_batch: int = 1024  # events per batched step at most
-    max_wait: float = 0.05  # seconds to wait for a batch to fill
+    max_wait: float = 0.01  # seconds to wait for more events once one is there (a backlog is taken at once)
+    fetch_max_wait: float = 0.02  # seconds the broker may hold a fetch that has no new data for
+    torch_threads: int = 1  # the model's CPU threads in the worker; 0 = torch's default (all cores)
     max_record_bytes: int = 16384  # larger input records go to the dead-letter topic
     snapshot_dir: str = ""  # Parquet snapshots: a folder or pyarrow.fs URI; empty = <var_dir>/snapshots
     snapshot_interval: float = 60.0  # seconds between snapshots; 0 = no snapshots
@@ -153,8 +155,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: partitions, k, max_batch and recent_n must be >= 1")
     if s.snapshot_interval < 0:
         raise ConfigError("config: snapshot_interval must be >= 0 seconds (0 = off)")
-    if s.max_wait <= 0:
-        raise ConfigError("config: max_wait must be > 0 seconds")
+    if s.max_wait <= 0 or s.fetch_max_wait <= 0:
+        raise ConfigError("config: max_wait and fetch_max_wait must be > 0 seconds")
+    if s.torch_threads < 0:
+        raise ConfigError("config: torch_threads must be >= 0 (0 = torch's default)")
     if s.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
         raise ConfigError(f"config: unknown security_protocol {s.security_protocol!r}")
     if s.log_level not in ("debug", "info", "warning", "error"):

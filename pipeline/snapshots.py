@@ -24,6 +24,7 @@ again after a crash.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -71,7 +72,12 @@ def open_root(root: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _hour_dir(ts_ms: int) -> str:
-    t = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
+    return _hour_dir_of(ts_ms // 3_600_000)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hour_dir_of(hours: int) -> str:
+    t = datetime.fromtimestamp(hours * 3600, tz=UTC)
     return f"dt={t:%Y-%m-%d}/hour={t:%H}"
 
 
@@ -244,7 +250,8 @@ class SnapshotConsumer:
         last_flush = time.monotonic()
         try:
             while not self.stopping:
-                batches = await self.consumer.getmany(timeout_ms=200, max_records=10000)
+                # a few hundred records at a time: decoding runs on the worker's event loop
+                batches = await self.consumer.getmany(timeout_ms=200, max_records=500)
                 now_ms = int(time.time() * 1000)
                 for tp, messages in batches.items():
                     for m in messages:

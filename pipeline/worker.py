@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import faust
+import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
 from models.artifacts import current_version, load_artifact
@@ -76,6 +77,10 @@ class RecurWorker(faust.Worker):
 
 def run_worker(settings: Settings) -> None:
     (settings.var_path / "faust").mkdir(parents=True, exist_ok=True)
+    if settings.torch_threads:
+        # one model thread beside the event loop: on a small machine more threads spin against
+        # faust's own (a batch of 15 events took 10 ms with one thread, 22 ms with two)
+        torch.set_num_threads(settings.torch_threads)
     streams, handler, snapshots = build(settings)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=handler.metrics.registry)
