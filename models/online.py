@@ -18,7 +18,7 @@ import torch
 from models.artifacts import Artifact
 from models.data import Vocabulary
 from models.events import Event
-from models.lstm import PURCHASE, RecurrentRecommender, advance, init_state, top_k
+from models.lstm import PURCHASE, RecurrentRecommender, advance, init_state, score_top_k
 
 _MAGIC = b"R1"
 _HEADER = struct.Struct("<2sI")  # magic, header length
@@ -246,10 +246,13 @@ class OnlineRecommender:
             types = torch.tensor([events[n].event.event_type for n, _ in known], device=self.device)
             with torch.inference_mode():
                 new_state, queries = advance(self.model, state, items, types)
-                scores = self.model.score(queries, out=self._score_buffer(len(known)))  # (B, V)
-                self._mask(scores, [current[events[n].event.user_id] for n, _ in known], items)
-                k = min(cfg.k, scores.size(1))
-                top_scores, top_idx = top_k(scores, k)
+                users = [current[events[n].event.user_id] for n, _ in known]
+                k = min(cfg.k, self.model.config.n_items)
+
+                def mask(block: torch.Tensor, first: int) -> None:
+                    self._mask(block, users[first : first + block.size(0)], items[first : first + block.size(0)])
+
+                top_scores, top_idx = score_top_k(self.model, queries, k, self._score_buffer(len(known)), mask=mask)
             new_vectors = new_state.to(torch.float16).cpu().numpy()
             finite = torch.isfinite(top_scores).cpu().numpy()  # masked items score -inf
             top_scores = top_scores.cpu().numpy().round(4).tolist()

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from models.lstm import ModelConfig, RecurrentRecommender, advance, resolve_device, top_k
+from models.lstm import ModelConfig, RecurrentRecommender, advance, resolve_device, score_top_k
 
 
 def _sync(device: torch.device) -> None:
@@ -65,8 +65,7 @@ class StepBench:
             new_state, queries = advance(self.model, state, items, types)
             if self.buffer.size(0) < users.numel():
                 self.buffer = torch.empty(users.numel(), self.n_items, device=self.device)
-            scores = self.model.score(queries, out=self.buffer[: users.numel()])  # (B, V), reused buffer
-            values, indices = top_k(scores, self.k)
+            values, indices = score_top_k(self.model, queries, self.k, self.buffer)  # scores (B, V), reused buffer
             self.store[users] = new_state.to(torch.float16)  # scatter
         return values, indices
 
@@ -86,19 +85,24 @@ class StepBench:
         return best
 
     def events_per_s(self, batch: int, seconds: float = 2.0) -> float:
+        """Events per second at `batch`: the median over timed windows (8 steps each for small
+        batches, 1 for large), for `seconds` and at least 5 windows. The median, because on a
+        shared 2-core machine a mean over one stretch moved by +-30% between runs."""
         pool = self.inputs(batch)
         self.step(*pool[0])  # warm-up
         _sync(self.device)
-        n, i, started = 0, 0, time.perf_counter()
-        while True:
-            self.step(*pool[i % len(pool)])
-            i += 1
-            n += batch
-            if i % 8 == 0 or n >= 3 * batch:
-                _sync(self.device)
-                elapsed = time.perf_counter() - started
-                if elapsed >= seconds and n >= 3 * batch:
-                    return n / elapsed
+        per_window = 8 if batch <= 64 else 1
+        times: list[float] = []
+        i, started = 0, time.perf_counter()
+        while len(times) < 5 or time.perf_counter() - started < seconds:
+            t = time.perf_counter()
+            for _ in range(per_window):
+                self.step(*pool[i % len(pool)])
+                i += 1
+            _sync(self.device)
+            times.append(time.perf_counter() - t)
+        times.sort()
+        return batch * per_window / times[len(times) // 2]
 
 
 def run_step_bench(device_name: str, n_items: int, embedding_dim: int, hidden_dim: int, layers: int,

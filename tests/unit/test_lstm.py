@@ -86,3 +86,25 @@ def test_fast_top_k_returns_exactly_torch_topk(B, V):
     expected = torch.topk(scores, 20, dim=1)
     values, indices = top_k(scores, 20)
     assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
+@pytest.mark.parametrize("B,rows", [(600, 256), (37, 16), (5, None)])
+def test_blockwise_score_top_k_equals_scoring_everything_then_topk(B, rows):
+    from models.lstm import score_top_k
+
+    torch.manual_seed(B)
+    model = RecurrentRecommender(ModelConfig(n_items=3001, embedding_dim=16, hidden_dim=16)).eval()
+    queries = torch.randn(B, 16)
+    banned = torch.tensor([0, 5, 2999])  # e.g. purchased items, masked in every block
+
+    def mask(block, first):
+        block[:, banned] = float("-inf")
+        assert block.size(0) <= (rows or 256) and first % (rows or 256) == 0
+
+    with torch.inference_mode():
+        full = model.score(queries)
+        full[:, banned] = float("-inf")
+        expected = torch.topk(full, 20, dim=1)
+        values, indices = score_top_k(model, queries, 20, buffer=torch.empty(B, 3001), rows=rows, mask=mask)
+    assert torch.equal(indices, expected.indices) and torch.allclose(values, expected.values)
+    assert not set(banned.tolist()) & set(indices.flatten().tolist())
