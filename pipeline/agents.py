@@ -230,10 +230,23 @@ def register_model_watch(streams: Streams, handler: BatchHandler, settings: Sett
         handler.pending = artifact
 
 
+def count_users(table) -> int:  # noqa: ANN001 - a faust Table
+    """Users with state in this worker's partitions. On RocksDB, the sum of each partition's
+    `rocksdb.estimate-num-keys` (less its one offset record): counting exactly walks every key
+    in Python, which at 100,000 users held the event loop for a noticeable fraction of a second."""
+    store = table.data
+    actives = getattr(store, "_dbs_for_actives", None)
+    if actives is not None and getattr(store, "use_rocksdict", False):
+        try:
+            return sum(max(0, db.property_int_value("rocksdb.estimate-num-keys") - 1) for _, db in actives())
+        except Exception:  # another rocksdb binding, or the property is missing: count exactly
+            pass
+    return len(table)
+
+
 def register_users_gauge(streams: Streams, metrics: Metrics, interval: float = 60.0) -> None:
-    """Users in state: counting keys walks the whole store, so it runs on a slow timer,
-    never per batch."""
+    """Users in state, on a slow timer, never per batch."""
 
     @streams.app.timer(interval)
-    async def count_users() -> None:
-        metrics.users.set(len(streams.state))
+    async def count_users_in_state() -> None:
+        metrics.users.set(count_users(streams.state))
