@@ -238,9 +238,9 @@ def count_users(table) -> int:  # noqa: ANN001 - a faust Table
     actives = getattr(store, "_dbs_for_actives", None)
     if actives is not None and getattr(store, "use_rocksdict", False):
         try:
-            return sum(max(0, db.property_int_value("rocksdb.estimate-num-keys") - 1) for _, db in actives())
-        except Exception:  # another rocksdb binding, or the property is missing: count exactly
-            pass
+            return sum(max(0, db.property_int_value("rocksdb.estimate-num-keys") - 1) for db in actives())
+        except Exception as e:  # another rocksdb binding, or the property is missing: count exactly
+            log.warning("users gauge: no RocksDB key estimate (%s); counting every key", type(e).__name__)
     return len(table)
 
 
