@@ -176,6 +176,64 @@ async def _passthrough(bootstrap: str, topic: str, out_topic: str, n_events: int
         await producer.stop()
 
 
+def faust_floor_main() -> None:
+    """An empty faust agent on the events topic: it batches and acks like the worker's agent
+    (same batching, same fetch wait) and does nothing else. Run by `run_e2e_bench` in a child
+    process; reads RECUR_* settings plus RECUR_FLOOR_EVENTS and writes events/s to
+    RECUR_FLOOR_OUT. What any faust worker pays before doing any work."""
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import faust
+
+    from pipeline.agents import batches
+    from pipeline.app import _limit_fetch_wait
+    from pipeline.config import load_settings
+
+    settings = load_settings(os.environ)
+    n_events, out = int(os.environ["RECUR_FLOOR_EVENTS"]), Path(os.environ["RECUR_FLOOR_OUT"])
+    _limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
+    app = faust.App(f"{settings.app_id}-floor", broker=f"kafka://{settings.bootstrap_servers}", store="memory://",
+                    datadir=tempfile.mkdtemp(prefix="recur-floor-"), processing_guarantee="at_least_once",
+                    consumer_auto_offset_reset="earliest", web_enabled=False, topic_allow_declare=False,
+                    logging_config=None)
+    topic = app.topic(settings.events_topic, key_serializer="raw", value_serializer="raw")
+    seen = {"n": 0, "first": 0, "t0": 0.0}
+
+    @app.agent(topic)
+    async def floor(stream):  # noqa: ANN001 - faust passes a StreamT
+        async for batch in batches(stream, settings.max_batch, settings.max_wait):
+            if not seen["t0"]:
+                seen["t0"], seen["first"] = time.perf_counter(), len(batch)
+            for event in batch:
+                event.ack()
+            seen["n"] += len(batch)
+            if seen["n"] >= n_events:
+                out.write_text(str((seen["n"] - seen["first"]) / max(time.perf_counter() - seen["t0"], 1e-9)))
+                os._exit(0)
+
+    sys.argv = ["recur-bench-floor", "worker", "-l", "warn"]
+    app.main()
+
+
+def _faust_floor(settings, n_events: int, folder: str) -> float:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = Path(folder) / "floor.txt"
+    env = {**os.environ, **settings.to_env(), "RECUR_FLOOR_EVENTS": str(n_events), "RECUR_FLOOR_OUT": str(out)}
+    with open(Path(folder) / "floor.log", "wb") as log_file:
+        subprocess.run([sys.executable, "-c", "from pipeline.bench import faust_floor_main; faust_floor_main()"],
+                       env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=600, check=False)
+    if not out.exists():
+        raise RuntimeError(f"bench: the empty faust agent did not finish; see {Path(folder) / 'floor.log'}")
+    return float(out.read_text())
+
+
 def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding_dim: int, hidden_dim: int,
                   latency_seconds: float, plot: str | None, say) -> dict:
     import asyncio
@@ -206,9 +264,12 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
         passthrough = asyncio.run(_passthrough(settings.bootstrap_servers, settings.events_topic,
                                                f"bench-{run}-passthrough", n_events))
         say(f"    {passthrough:.0f} events/s")
+        registry = tempfile.mkdtemp(prefix="recur-bench-")
+        say("(a') an empty faust agent: batches and acks, nothing else (faust's own cost)")
+        floor = _faust_floor(settings, n_events, registry)
+        say(f"    {floor:.0f} events/s")
         torch.manual_seed(0)
         model = RecurrentRecommender(ModelConfig(n_items=n_items, embedding_dim=embedding_dim, hidden_dim=hidden_dim))
-        registry = tempfile.mkdtemp(prefix="recur-bench-")
         save_artifact(registry, model, Vocabulary([f"i{n}" for n in range(n_items)]), {"source": "bench"}, publish=True)
         worker_settings = dataclasses.replace(settings, bootstrap=settings.bootstrap_servers, models_dir=registry,
                                               var_dir=registry, metrics_port=0, log_level="warning")
@@ -254,6 +315,8 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
             "passthrough_events_per_s": round(passthrough, 1),
             "worker_events_per_s": round(worker_eps, 1),
             "ratio": round(worker_eps / passthrough, 3),
+            "faust_empty_agent_events_per_s": round(floor, 1),
+            "faust_empty_agent_ratio": round(floor / passthrough, 3),
             "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
             "offered_events_per_s": round(rate, 1),
             "latency_samples": len(latencies),
@@ -282,9 +345,9 @@ def _plot(result: dict, latencies: list[float], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["aiokafka passthrough", "recur worker"]
-    values = [result["passthrough_events_per_s"], result["worker_events_per_s"]]
-    a.bar(names, values, color=["#888", "#2a7"])
+    names = ["aiokafka passthrough", "empty faust agent", "recur worker"]
+    values = [result["passthrough_events_per_s"], result["faust_empty_agent_events_per_s"], result["worker_events_per_s"]]
+    a.bar(names, values, color=["#888", "#bbb", "#2a7"])
     a.set_ylabel("events / s")
     a.set_title(f"throughput (ratio {result['ratio']:.2f})")
     for x, v in enumerate(values):
