@@ -68,11 +68,11 @@ def successor_rules(sessions: Sequence[IndexedSession], n_items: int) -> Callabl
                 n_pairs += 1
             else:
                 entry[0] += 1
+    pair_bonus = _first_occurrence_bonus(list(range(n_pairs)), n_pairs)  # by first position
     rules = {}
     for a, nexts in succ.items():
-        counts = np.array(list(nexts.values()), dtype=np.float64)  # (n, 2): count, first position
-        first = 1.0 - (counts[:, 1] + 1.0) / (n_pairs + 1.0)  # earlier pair -> larger, in (0, 1)
-        rules[a] = (np.fromiter(nexts.keys(), dtype=np.int64), 1.0 + counts[:, 0] + first)
+        counts = np.array(list(nexts.values()), dtype=np.int64)  # (n, 2): count, first position
+        rules[a] = (np.fromiter(nexts.keys(), dtype=np.int64), 1.0 + counts[:, 0] + pair_bonus[counts[:, 1]])
 
     def score(prefix: list[int]) -> np.ndarray:
         scores = fill.copy()
