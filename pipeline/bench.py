@@ -234,6 +234,54 @@ def _faust_floor(settings, n_events: int, folder: str) -> float:
     return float(out.read_text())
 
 
+def _emission_span(settings, topic: str, n_records: int, stall_s: float, worker, log_name: str) -> float:  # noqa: ANN001
+    """Seconds from the first to the last `emitted_at` once `topic` holds `n_records`.
+
+    Watches the end offsets instead of reading every record while the worker runs: a reader
+    decoding 200,000 records beside the worker took half a core from it on a 2-core machine
+    (the passthrough loop in (a) has no such neighbour). Then it reads only the first and the
+    last record of each partition (each partition's records are in the order they were sent)."""
+    import json
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    from pipeline.clients import _common
+
+    consumer = KafkaConsumer(**_common(settings), group_id=None, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        done, last_change = 0, time.monotonic()
+        while True:
+            ends = consumer.end_offsets(parts)
+            total = sum(ends.values())
+            if total >= n_records:
+                break
+            if total > done:
+                done, last_change = total, time.monotonic()
+            if worker.poll() is not None:
+                raise RuntimeError(f"bench: the worker exited (code {worker.returncode}) after {total} of "
+                                   f"{n_records} recommendations; see {log_name}")
+            if time.monotonic() - last_change > stall_s:
+                raise RuntimeError(f"bench: the worker sent {total} of {n_records} recommendations and then "
+                                   f"nothing for {stall_s:.0f}s; see {log_name}")
+            time.sleep(0.2)
+
+        def emitted_at(tp, offset: int) -> int:  # noqa: ANN001
+            consumer.assign([tp])
+            consumer.seek(tp, offset)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=1000, max_records=1).values():
+                    return json.loads(records[0].value)["emitted_at"]
+            raise RuntimeError(f"bench: could not read offset {offset} of {topic}")
+
+        first = min(emitted_at(tp, 0) for tp in parts if ends[tp])
+        last = max(emitted_at(tp, ends[tp] - 1) for tp in parts if ends[tp])
+        return max(last - first, 1) / 1000
+    finally:
+        consumer.close()
+
+
 def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding_dim: int, hidden_dim: int,
                   latency_seconds: float, plot: str | None, say) -> dict:
     import asyncio
@@ -278,12 +326,7 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
         log_file = open(os.path.join(registry, "worker.log"), "wb")
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=log_file,
                                   stderr=subprocess.STDOUT)
-        emitted = []
-        for _k, value, _h in consume(settings, settings.recommendations_topic, n_events, 120.0):
-            emitted.append(json.loads(value)["emitted_at"])
-        if len(emitted) < n_events:
-            raise RuntimeError(f"bench: the worker sent {len(emitted)} of {n_events} recommendations; see {log_file.name}")
-        span = (max(emitted) - min(emitted)) / 1000
+        span = _emission_span(settings, settings.recommendations_topic, n_events, 120.0, worker, log_file.name)
         worker_eps = n_events / span
         say(f"    {worker_eps:.0f} events/s")
         rate = worker_eps / 2
