@@ -20,6 +20,7 @@ from pipeline.app import Streams
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
 from pipeline.records import decode_event, dlq_headers, encode_recommendation
+from pipeline.state_store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,13 @@ class BatchHandler:
         self.metrics = metrics
         self.settings = settings
         self.pending: Artifact | None = None  # a checked model waiting to be swapped in
+        self._store: StateStore | None = None  # made on first use: the table's store exists once the app runs
+
+    @property
+    def store(self) -> StateStore:
+        if self._store is None:
+            self._store = StateStore(self.streams.state)
+        return self._store
 
     def swap_model(self) -> None:
         """Between batches: make a loaded and checked model the live one."""
@@ -73,11 +81,13 @@ class BatchHandler:
             source[decoded.user_id] = event
         if not valid:
             return
-        table = self.streams.state
-        keys = {e.event.user_id for e in valid}
+        partitions: dict[str, int] = {}
+        for e in valid:
+            partitions.setdefault(e.event.user_id, e.partition)
+        stored = self.store.read({user.encode(): partition for user, partition in partitions.items()})
         states = {}
-        for user in keys:
-            raw = table.get(user.encode())
+        for user in partitions:
+            raw = stored[user.encode()]
             states[user] = UserState.decode(raw) if raw is not None else None
         started = time.perf_counter()
         changed, recs, stats = self.recommender.process(states, valid)
@@ -111,8 +121,8 @@ class BatchHandler:
 
         What `table[key] = value` does, minus faust's per-key bookkeeping (a changelog
         future, a callback and a RocksDB write of the changelog offset for every key),
-        which cost as much as the model step. The store write goes through `table.data`;
-        the changelog record goes straight to the app's producer, to the partition of the
+        which cost as much as the model step. The store is written a batch at a time
+        (`pipeline/state_store.py`); the changelog record goes straight to the app's producer, to the partition of the
         user's events (the table's partition); the changelog offset the store remembers
         for recovery is written once per partition when the broker has acknowledged the
         batch. Faust flushes the producer before it commits input offsets, so a batch's
@@ -121,16 +131,12 @@ class BatchHandler:
         if not changed:
             return
         table = self.streams.state
-        store = table.data
         topic = table.changelog_topic.get_topic_name()
         producer = self.streams.app.producer
-        pending = []
-        for user, state in changed.items():
-            event = source[user]
-            key, value = user.encode(), state.encode()
-            bind(event)  # the store files the write under the current event's partition
-            store[key] = value
-            pending.append(await producer.send(topic, key, value, event.message.partition, None, None))
+        records = [(user.encode(), state.encode(), source[user]) for user, state in changed.items()]
+        self.store.write(records, bind)
+        pending = [await producer.send(topic, key, value, event.message.partition, None, None)
+                   for key, value, event in records]
 
         def persisted(done: asyncio.Future) -> None:
             if done.cancelled() or done.exception() is not None:
@@ -139,7 +145,7 @@ class BatchHandler:
             for meta in done.result():
                 last[meta.partition] = max(meta.offset, last.get(meta.partition, -1))
             for partition, offset in last.items():
-                store.set_persisted_offset(TP(topic, partition), offset)
+                table.data.set_persisted_offset(TP(topic, partition), offset)
 
         asyncio.gather(*pending).add_done_callback(persisted)
 

@@ -1,0 +1,74 @@
+"""Batched state reads and writes: straight to each partition's RocksDB, or through the table."""
+
+from types import SimpleNamespace
+
+from rocksdict import Options, Rdict
+
+from pipeline.state_store import StateStore
+
+
+class _RocksStore:
+    """What StateStore uses of faust's RocksDB store, over real rocksdict databases."""
+
+    use_rocksdict = True
+
+    def __init__(self, folder) -> None:  # noqa: ANN001
+        self.folder, self.dbs, self.opened = folder, {}, []
+
+    def _encode_key(self, key: bytes) -> bytes:
+        return key
+
+    def _encode_value(self, value: bytes) -> bytes:
+        return value
+
+    def _db_for_partition(self, partition: int) -> Rdict:
+        if partition not in self.dbs:
+            self.dbs[partition] = Rdict(str(self.folder / f"p{partition}"), options=Options(raw_mode=True))
+            self.opened.append(partition)
+        return self.dbs[partition]
+
+
+def _event(partition: int):
+    return SimpleNamespace(message=SimpleNamespace(partition=partition))
+
+
+def test_rocksdb_writes_land_in_each_events_partition_and_read_back(tmp_path):
+    store = _RocksStore(tmp_path)
+    state = StateStore(SimpleNamespace(data=store))
+    assert state.direct
+    bound = []
+    state.write([(b"u1", b"a" * 300, _event(0)), (b"u2", b"b", _event(3)), (b"u3", b"c", _event(0))], bound.append)
+    assert bound == []  # no current event needed: the partition is the event's
+    assert store.dbs[0][b"u1"] == b"a" * 300 and store.dbs[0][b"u3"] == b"c" and store.dbs[3][b"u2"] == b"b"
+    assert b"u2" not in store.dbs[0] and b"u1" not in store.dbs[3]
+    found = state.read({b"u1": 0, b"u2": 3, b"u3": 0, b"new": 3})
+    assert found == {b"u1": b"a" * 300, b"u2": b"b", b"u3": b"c", b"new": None}
+    state.write([(b"u1", b"changed", _event(0))], bound.append)
+    assert state.read({b"u1": 0}) == {b"u1": b"changed"}
+
+
+class _Table:
+    """A table whose store is not RocksDB (faust's memory store): reads and writes go through it."""
+
+    def __init__(self) -> None:
+        self.data, self.current = {}, []
+
+    def get(self, key: bytes):  # noqa: ANN201
+        return self.data.get(key)
+
+
+def test_other_stores_go_through_the_table_with_each_write_bound_to_its_event():
+    table = _Table()
+    state = StateStore(table)
+    assert not state.direct
+    events = [_event(1), _event(2)]
+    bound = []
+    state.write([(b"u1", b"x", events[0]), (b"u2", b"y", events[1])], bound.append)
+    assert bound == events and table.data == {b"u1": b"x", b"u2": b"y"}
+    assert state.read({b"u1": 1, b"zz": 0}) == {b"u1": b"x", b"zz": None}
+
+
+def test_serializers_that_change_bytes_disable_the_direct_path(tmp_path):
+    store = _RocksStore(tmp_path)
+    store._encode_value = lambda value: b'"' + value + b'"'  # e.g. a json value serializer
+    assert not StateStore(SimpleNamespace(data=store, get=lambda key: None)).direct
