@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 from models.data import read_sessions, read_snapshot_events
 from models.events import Event
 from pipeline.cli import main
-from pipeline.snapshots import SCHEMA, Applied, compact, list_files, write_snapshot
+from pipeline.snapshots import SCHEMA, Applied, compact, list_files, to_table, write_snapshot
 
 HOUR = 3_600_000
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR  # start of an hour
@@ -28,6 +28,20 @@ def test_files_are_named_by_partition_hour_and_offsets_and_rewrite_in_place(tmp_
     assert rows["a"]["offsets"] == [5, 7] and rows["a"]["item_ids"] == ["i1", "i3"]
     assert rows["a"]["first_offset"] == 5 and rows["a"]["last_offset"] == 7
     assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_rows_group_each_users_events_in_offset_order_whatever_order_they_arrive_in():
+    evs = [_applied(2, 12, "b", "i5", T0 + 9, 1), _applied(2, 10, "a", "i1", T0 + 1), _applied(2, 14, "c", "i7", T0 + 4),
+           _applied(2, 11, "b", "i2", T0 + 2), _applied(2, 13, "a", "i3", T0 + 3)]
+    table = to_table(evs, T0 + 100)
+    assert table.schema.equals(SCHEMA)
+    assert table.column("user_id").to_pylist() == ["a", "b", "c"]  # by each row's first offset
+    a, b, c = table.to_pylist()
+    assert (a["offsets"], a["item_ids"], a["event_types"], a["timestamps_ms"]) == ([10, 13], ["i1", "i3"], [0, 0],
+                                                                                   [T0 + 1, T0 + 3])
+    assert (b["first_offset"], b["last_offset"], b["item_ids"], b["event_types"]) == (11, 12, ["i2", "i5"], [0, 1])
+    assert c["offsets"] == [14] and c["partition"] == 2
+    assert {r["snapshot_time"].timestamp() * 1000 for r in (a, b, c)} == {T0 + 100}
 
 
 def test_reader_drops_duplicates_and_orders_by_time(tmp_path):
