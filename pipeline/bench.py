@@ -282,12 +282,35 @@ def _emission_span(settings, topic: str, n_records: int, stall_s: float, worker,
         consumer.close()
 
 
+def _wait_for_snapshots(settings, n_records: int, timeout_s: float) -> float | None:  # noqa: ANN001
+    """Wait until the worker's snapshot consumer has committed `n_records` events of the events
+    topic (written them to Parquet): the backlog's last work. -> seconds waited, None on timeout."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from pipeline.clients import _common
+
+    # a consumer in the snapshot group that never subscribes: it reads the group's commits only
+    reader = KafkaConsumer(**_common(settings), group_id=f"{settings.app_id}-snapshots", enable_auto_commit=False)
+    started = time.monotonic()
+    try:
+        parts = [TopicPartition(settings.events_topic, p)
+                 for p in sorted(reader.partitions_for_topic(settings.events_topic) or ())]
+        while time.monotonic() - started < timeout_s:
+            if sum(reader.committed(tp) or 0 for tp in parts) >= n_records:
+                return time.monotonic() - started
+            time.sleep(1.0)
+        return None
+    finally:
+        reader.close(autocommit=False)
+
+
 def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding_dim: int, hidden_dim: int,
                   latency_seconds: float, plot: str | None, say) -> dict:
     import asyncio
     import dataclasses
     import json
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -295,7 +318,7 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
 
     from models.artifacts import save_artifact
     from models.data import Vocabulary
-    from pipeline.clients import consume, create_topics, end_offsets, producer
+    from pipeline.clients import consume, create_topics, delete_topics_with_prefix, end_offsets, producer
     from pipeline.kafka_local import start_if_needed
 
     broker, line = start_if_needed(settings)
@@ -330,6 +353,13 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
         worker_eps = n_events / span
         say(f"    {worker_eps:.0f} events/s")
         rate = worker_eps / 2
+        settled = None
+        if settings.snapshot_interval > 0:
+            # (c) measures the steady state: first let the worker finish the backlog's last work, its
+            # snapshot consumer writing those events to Parquet (up to one snapshot interval)
+            say("    waiting for the worker's snapshots of the backlog")
+            settled = _wait_for_snapshots(settings, n_events, settings.snapshot_interval + 60)
+            say(f"    settled after {settled:.0f}s" if settled is not None else "    snapshots still behind; going on")
         say(f"(c) latency at {rate:.0f} events/s for {latency_seconds:.0f}s")
         start = end_offsets(settings, settings.recommendations_topic)
         prod = producer(settings)
@@ -363,12 +393,18 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
             "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
             "offered_events_per_s": round(rate, 1),
             "latency_samples": len(latencies),
-            "config": {"events": n_events, "users": n_users, "items": n_items, "embedding_dim": embedding_dim,
+            "settle_seconds": None if settled is None else round(settled, 1),
+            "config": {"run": f"bench-{run}", "events": n_events, "users": n_users, "items": n_items,
+                       "embedding_dim": embedding_dim,
                        "hidden_dim": hidden_dim, "device": settings.device, "max_batch": settings.max_batch},
         }
         if plot:
             _plot(result, latencies, plot)
             result["plot"] = plot
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+        log_file.close()
+        shutil.rmtree(registry, ignore_errors=True)  # model, worker state and snapshots of this run (~70 MB)
         return result
     finally:
         if worker is not None and worker.poll() is None:
@@ -377,6 +413,10 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
                 worker.wait(60)
             except subprocess.TimeoutExpired:
                 worker.kill()
+        try:  # the run's topics (events, outputs, faust's changelog) hold ~100 MB a run
+            say(f"deleted {len(delete_topics_with_prefix(settings, f'bench-{run}'))} topics of this run")
+        except Exception as e:  # the numbers stand; say what was left behind
+            say(f"could not delete this run's topics (bench-{run}-*): {type(e).__name__}")
         if broker is not None:
             say(broker.stop())
 

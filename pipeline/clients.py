@@ -51,6 +51,18 @@ def create_topics(settings: Settings) -> list[str]:
     return created
 
 
+def delete_topics_with_prefix(settings: Settings, prefix: str) -> list[str]:
+    """Delete every topic whose name starts with `prefix` (a benchmark's own); -> names deleted."""
+    client = admin(settings)
+    try:
+        names = sorted(t for t in client.list_topics() if t.startswith(prefix))
+        if names:
+            client.delete_topics(names)
+        return names
+    finally:
+        client.close()
+
+
 def producer(settings: Settings) -> KafkaProducer:
     try:
         return KafkaProducer(**_common(settings), acks="all", linger_ms=5, enable_idempotence=True,

@@ -1,0 +1,40 @@
+"""`recur bench e2e` with tiny sizes against the real broker: the three phases run, the
+numbers agree with each other, and the run removes what it made."""
+
+import time
+
+import pytest
+from kafka import KafkaAdminClient
+
+from pipeline.bench import run_e2e_bench
+from pipeline.config import load_settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_e2e_smoke_run_reports_consistent_numbers_and_removes_its_topics(bootstrap, tmp_path):
+    settings = load_settings({"RECUR_BOOTSTRAP": bootstrap, "RECUR_DEVICE": "cpu", "RECUR_VAR_DIR": str(tmp_path),
+                              "RECUR_SNAPSHOT_INTERVAL": "5"})
+    said: list[str] = []
+    plot = tmp_path / "bench.png"
+    result = run_e2e_bench(settings, n_events=3000, n_users=300, n_items=500, embedding_dim=16, hidden_dim=32,
+                           latency_seconds=3.0, plot=str(plot), say=said.append)
+    passthrough, worker = result["passthrough_events_per_s"], result["worker_events_per_s"]
+    assert passthrough > 0 and worker > 0 and result["faust_empty_agent_events_per_s"] > 0
+    assert result["ratio"] == round(worker / passthrough, 3)
+    assert result["offered_events_per_s"] == round(worker / 2, 1)
+    latency = result["latency_ms"]
+    assert 0 <= latency["p50"] <= latency["p95"] <= latency["p99"] < 30_000
+    assert result["latency_samples"] >= int(result["offered_events_per_s"] * 3.0 * 0.9)  # every paced event answered
+    assert plot.stat().st_size > 1000
+    assert any(line.startswith("deleted ") for line in said)
+    assert result["settle_seconds"] is not None and result["settle_seconds"] < 30  # snapshots caught up first
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        deadline = time.monotonic() + 15
+        while (left := [t for t in admin.list_topics() if t.startswith(f"{result['config']['run']}")]) and \
+                time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        admin.close()
+    assert left == []
