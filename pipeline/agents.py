@@ -60,10 +60,10 @@ class BatchHandler:
         log.warning("dead letter: partition %d offset %d: %s", msg.partition, msg.offset, error)
 
     async def handle(self, batch: list[EventT], bind: Callable[[EventT], None] = lambda e: None) -> None:
-        """Process one batch. `bind(event)` makes `event` faust's current event: the
-        RocksDB store files a table write under the current event's partition, and
-        for a batch there is none, so each user's write is bound to one of
-        that user's events (same key, same partition)."""
+        """Process one batch. `bind(event)` makes `event` faust's current event, for stores
+        written through the table (see `pipeline/state_store.py`): faust files a table write
+        under the current event's partition, and for a batch there is none, so each user's
+        write is bound to one of that user's events (same key, same partition)."""
         self.swap_model()
         now_ms = int(time.time() * 1000)
         valid: list[InputEvent] = []
@@ -81,13 +81,17 @@ class BatchHandler:
             source[decoded.user_id] = event
         if not valid:
             return
-        partitions: dict[str, int] = {}
+        keys: dict[str, bytes] = {}
+        partitions: dict[bytes, int] = {}
         for e in valid:
-            partitions.setdefault(e.event.user_id, e.partition)
-        stored = self.store.read({user.encode(): partition for user, partition in partitions.items()})
+            user = e.event.user_id
+            if user not in keys:
+                keys[user] = key = user.encode()
+                partitions[key] = e.partition
+        stored = self.store.read(partitions)
         states = {}
-        for user in partitions:
-            raw = stored[user.encode()]
+        for user, key in keys.items():
+            raw = stored[key]
             states[user] = UserState.decode(raw) if raw is not None else None
         started = time.perf_counter()
         changed, recs, stats = self.recommender.process(states, valid)

@@ -243,11 +243,11 @@ def _emission_span(settings, topic: str, n_records: int, stall_s: float, worker,
     last record of each partition (each partition's records are in the order they were sent)."""
     import json
 
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
-    from pipeline.clients import _common
+    from pipeline.clients import reader
 
-    consumer = KafkaConsumer(**_common(settings), group_id=None, enable_auto_commit=False)
+    consumer = reader(settings)
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         done, last_change = 0, time.monotonic()
@@ -285,23 +285,23 @@ def _emission_span(settings, topic: str, n_records: int, stall_s: float, worker,
 def _wait_for_snapshots(settings, n_records: int, timeout_s: float) -> float | None:  # noqa: ANN001
     """Wait until the worker's snapshot consumer has committed `n_records` events of the events
     topic (written them to Parquet): the backlog's last work. -> seconds waited, None on timeout."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
-    from pipeline.clients import _common
+    from pipeline.clients import reader
+    from pipeline.snapshots import snapshot_group
 
-    # a consumer in the snapshot group that never subscribes: it reads the group's commits only
-    reader = KafkaConsumer(**_common(settings), group_id=f"{settings.app_id}-snapshots", enable_auto_commit=False)
+    commits = reader(settings, snapshot_group(settings.app_id))  # never subscribes: reads the group's commits
     started = time.monotonic()
     try:
         parts = [TopicPartition(settings.events_topic, p)
-                 for p in sorted(reader.partitions_for_topic(settings.events_topic) or ())]
+                 for p in sorted(commits.partitions_for_topic(settings.events_topic) or ())]
         while time.monotonic() - started < timeout_s:
-            if sum(reader.committed(tp) or 0 for tp in parts) >= n_records:
+            if sum(commits.committed(tp) or 0 for tp in parts) >= n_records:
                 return time.monotonic() - started
             time.sleep(1.0)
         return None
     finally:
-        reader.close(autocommit=False)
+        commits.close(autocommit=False)
 
 
 def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding_dim: int, hidden_dim: int,

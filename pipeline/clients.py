@@ -118,9 +118,17 @@ def file_events(path: str, fmt: str) -> list[Event]:
     return events
 
 
+def reader(settings: Settings, group_id: str | None = None) -> KafkaConsumer:
+    """A consumer that never commits: assign and seek it, or read `group_id`'s commits with it."""
+    try:
+        return KafkaConsumer(**_common(settings), group_id=group_id, enable_auto_commit=False)
+    except KafkaError:
+        raise BrokerError(f"kafka: no broker answers at {settings.bootstrap_servers}; run `recur kafka start`") from None
+
+
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """partition -> current end offset of `topic`."""
-    consumer = KafkaConsumer(**_common(settings), group_id=None, enable_auto_commit=False)
+    consumer = reader(settings)
     try:
         parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or ())]
         return {tp.partition: off for tp, off in consumer.end_offsets(parts).items()}

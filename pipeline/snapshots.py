@@ -211,6 +211,11 @@ def compact(root: str, before_ms: int | None = None) -> list[tuple[str, int]]:
     return merged
 
 
+def snapshot_group(app_id: str) -> str:
+    """The snapshot consumer's own consumer group."""
+    return f"{app_id}-snapshots"
+
+
 class SnapshotConsumer:
     """Reads the events topic in its own consumer group (<app_id>-snapshots) and commits an
     offset only after the Parquet file holding the event is written. Independent of Faust's
@@ -258,7 +263,7 @@ class SnapshotConsumer:
 
         self.done = asyncio.Event()
         s = self.settings
-        self.consumer = AIOKafkaConsumer(group_id=f"{s.app_id}-snapshots", enable_auto_commit=False,
+        self.consumer = AIOKafkaConsumer(group_id=snapshot_group(s.app_id), enable_auto_commit=False,
                                          auto_offset_reset="earliest", **self._client_options())
         self.consumer.subscribe([s.events_topic], listener=FlushOnRevoke())
         await self.consumer.start()
