@@ -84,32 +84,36 @@ class StepBench:
                 best = min(best, time.perf_counter() - t)
         return best
 
-    def events_per_s(self, batch: int, seconds: float = 2.0) -> float:
-        """Events per second at `batch`: the median over timed windows (8 steps each for small
-        batches, 1 for large), for `seconds` and at least 5 windows. The median, because on a
-        shared 2-core machine a mean over one stretch moved by +-30% between runs."""
-        pool = self.inputs(batch)
-        self.step(*pool[0])  # warm-up
-        _sync(self.device)
-        per_window = 8 if batch <= 64 else 1
-        times: list[float] = []
+    def rates(self, batches: list[int], seconds: float = 2.0) -> dict[int, float]:
+        """Events per second at each batch size: the median over timed windows (8 steps each
+        for batches up to 64, 1 for larger), about `seconds` per size and at least 5 windows
+        each. The sizes take turns (one window of each, then the next round): this shared
+        2-core machine's speed drifts by 10-30% within a minute, and measured one after the
+        other two sizes' ratio moved with that drift. Each window starts after an untimed step
+        of its own size, so no size is timed on caches another size left cold."""
+        pools = {b: self.inputs(b) for b in batches}
+        times: dict[int, list[float]] = {b: [] for b in batches}
         i, started = 0, time.perf_counter()
-        while len(times) < 5 or time.perf_counter() - started < seconds:
-            t = time.perf_counter()
-            for _ in range(per_window):
-                self.step(*pool[i % len(pool)])
-                i += 1
-            _sync(self.device)
-            times.append(time.perf_counter() - t)
-        times.sort()
-        return batch * per_window / times[len(times) // 2]
+        while min(len(t) for t in times.values()) < 5 or time.perf_counter() - started < seconds * len(batches):
+            for b in batches:
+                pool, per_window = pools[b], (8 if b <= 64 else 1)
+                self.step(*pool[i % len(pool)])  # warm-up, untimed
+                _sync(self.device)
+                t = time.perf_counter()
+                for j in range(1, per_window + 1):
+                    self.step(*pool[(i + j) % len(pool)])
+                _sync(self.device)
+                times[b].append(time.perf_counter() - t)
+            i += 9
+        return {b: b * (8 if b <= 64 else 1) / sorted(ts)[len(ts) // 2] for b, ts in times.items()}
 
 
 def run_step_bench(device_name: str, n_items: int, embedding_dim: int, hidden_dim: int, layers: int,
                    n_users: int, k: int, batches: list[int], seconds: float) -> dict:
     device = resolve_device(device_name)
     bench = StepBench(n_items, embedding_dim, hidden_dim, layers, n_users, k, device)
-    results = [{"batch": b, "events_per_s": round(bench.events_per_s(b, seconds), 1)} for b in batches]
+    rates = bench.rates(batches, seconds)
+    results = [{"batch": b, "events_per_s": round(rates[b], 1)} for b in batches]
     by_batch = {r["batch"]: r["events_per_s"] for r in results}
     gemm = gemm_flops(device)
     ref = 1024 if 1024 in by_batch else max(by_batch)
@@ -188,7 +192,7 @@ def faust_floor_main() -> None:
 
     import faust
 
-    from pipeline.agents import batches
+    from pipeline.agents import batches, broker_backlog
     from pipeline.app import _limit_fetch_wait
     from pipeline.config import load_settings
 
@@ -204,7 +208,8 @@ def faust_floor_main() -> None:
 
     @app.agent(topic)
     async def floor(stream):  # noqa: ANN001 - faust passes a StreamT
-        async for batch in batches(stream, settings.max_batch, settings.max_wait):
+        behind = broker_backlog(app, settings.max_batch)
+        async for batch in batches(stream, settings.max_batch, settings.max_wait, settings.backlog_wait, behind):
             if not seen["t0"]:
                 seen["t0"], seen["first"] = time.perf_counter(), len(batch)
             for event in batch:
@@ -375,11 +380,13 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
             prod.flush()
             time.sleep(0.005)
         prod.close()
-        latencies = []
+        timeline = []  # (ms since the first event, latency ms)
         for _k, value, _h in consume(settings, settings.recommendations_topic, sent, 30.0, start_offsets=start):
             rec = json.loads(value)
-            latencies.append(rec["emitted_at"] - rec["event_timestamp"])
-        latencies.sort()
+            timeline.append((rec["event_timestamp"], rec["emitted_at"] - rec["event_timestamp"]))
+        first_ms = min((t for t, _ in timeline), default=0)
+        timeline = sorted((t - first_ms, lat) for t, lat in timeline)
+        latencies = sorted(lat for _, lat in timeline)
 
         def pct(p: float) -> float:
             return float(latencies[min(len(latencies) - 1, int(p * len(latencies)))]) if latencies else float("nan")
@@ -399,7 +406,7 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
                        "hidden_dim": hidden_dim, "device": settings.device, "max_batch": settings.max_batch},
         }
         if plot:
-            _plot(result, latencies, plot)
+            _plot(result, timeline, plot)
             result["plot"] = plot
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
@@ -421,13 +428,14 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
             say(broker.stop())
 
 
-def _plot(result: dict, latencies: list[float], path: str) -> None:
+def _plot(result: dict, timeline: list[tuple[float, float]], path: str) -> None:
+    """Throughput bars, the latency distribution, and latency over the paced run (stalls show)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     names = ["aiokafka passthrough", "empty faust agent", "recur worker"]
     values = [result["passthrough_events_per_s"], result["faust_empty_agent_events_per_s"], result["worker_events_per_s"]]
     a.bar(names, values, color=["#888", "#bbb", "#2a7"])
@@ -435,14 +443,18 @@ def _plot(result: dict, latencies: list[float], path: str) -> None:
     a.set_title(f"throughput (ratio {result['ratio']:.2f})")
     for x, v in enumerate(values):
         a.text(x, v, f"{v:.0f}", ha="center", va="bottom")
-    if latencies:
-        xs = sorted(latencies)
+    if timeline:
+        xs = sorted(lat for _, lat in timeline)
         b.plot(xs, [i / len(xs) for i in range(1, len(xs) + 1)], color="#27a")
         for p in ("p50", "p95", "p99"):
             b.axvline(result["latency_ms"][p], ls="--", lw=0.8, color="#a33")
             b.text(result["latency_ms"][p], 0.02, p, rotation=90, color="#a33")
+        c.plot([t / 1000 for t, _ in timeline], [lat for _, lat in timeline], ".", ms=1, color="#27a")
     b.set_xlabel("event timestamp -> recommendation sent (ms)")
     b.set_ylabel("share of events")
     b.set_title(f"latency at {result['offered_events_per_s']:.0f} events/s")
+    c.set_xlabel("event time (s since the first paced event)")
+    c.set_ylabel("latency (ms)")
+    c.set_title("latency over the paced run")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

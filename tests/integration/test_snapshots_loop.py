@@ -73,8 +73,12 @@ def test_closed_loop_retrained_model_doubles_the_online_hit_rate(stack, tmp_path
     recs = Watcher(stack.settings, stack.settings.recommendations_topic)
     produce_events(stack.settings, before)
     recs.wait_for_events({e.event_id for e in before}, timeout=90)
-    time.sleep(2.5)  # the next snapshot flush
-    sessions = read_sessions(snap, "parquet")
+    deadline = time.monotonic() + 20  # the next snapshot flushes (every 1 s; fetches wait up to 0.5 s)
+    while True:
+        sessions = read_sessions(snap, "parquet") if list_files(str(snap)) else []
+        if sum(len(s) for s in sessions) >= len(before) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert sum(len(s) for s in sessions) == len(before)
     result = train(sessions, dict(embedding_dim=32, hidden_dim=64), TrainConfig(epochs=8, seed=1))
     held_out = sorted(sessionize(generate(SyntheticConfig(n_events=3000, n_users=60, seed=99, **shop))),
