@@ -181,23 +181,49 @@ async def batches(stream, max_batch: int, max_wait: float) -> AsyncIterator[list
     moves events into its buffer one at a time, tens of microseconds each, and only
     while it waits `within` seconds: under a backlog its batches were as small as what
     faust delivered in that window (~100 events), and a small `within` made them smaller.
-    Nothing is acked here: the caller acks each batch after it is processed."""
+    What faust's stream does with each event it takes, this does too: an event fetched
+    before the current rebalance (another generation, or taken while flow is suspended) is
+    left out, because faust seeks back and the partition's owner reads it again; every
+    other event is marked in flight, so that a rebalance waits for its batch to be acked
+    before it commits and hands partitions over. Nothing is acked here: the caller acks
+    each batch after it is processed."""
+    app = stream.app
+    in_flight = app.consumer.unacked
+    flow = app.flow_control
     queue = stream.channel.queue
     loop = asyncio.get_running_loop()
+
+    def current(event: EventT) -> bool:
+        msg = event.message
+        if msg.generation_id != app.consumer_generation_id or not flow.is_active():
+            log.debug("worker: left out an event fetched before the rebalance (partition %d offset %d)",
+                      msg.partition, msg.offset)
+            return False
+        if not msg.tracked:
+            msg.tracked = True
+            in_flight.add(msg)
+        return True
+
     while True:
         try:
-            batch = [await queue.get()]
+            first = await queue.get()
         except StopAsyncIteration:  # faust stops the channel: the worker is shutting down
             return
+        if not current(first):
+            continue
+        batch = [first]
         deadline = loop.time() + max_wait
         while len(batch) < max_batch:
             try:
-                batch.append(queue.get_nowait())
+                event = queue.get_nowait()
             except asyncio.QueueEmpty:
                 left = deadline - loop.time()
                 if left <= 0:
                     break
                 await asyncio.sleep(min(left, 0.002))  # let the consumer deliver more
+                continue
+            if current(event):
+                batch.append(event)
         yield batch
 
 

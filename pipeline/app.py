@@ -61,6 +61,28 @@ def _limit_fetch_wait(ms: int) -> None:
     faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
 
 
+def _seek_before_fetching(app: faust.App) -> None:
+    """After a rebalance, keep the consumer from delivering events until recovery has
+    sought the input partitions back to their committed offsets.
+
+    Faust 0.15.3's recovery resumes the consumer's flow early (to read changelogs, or at
+    once when nothing needs restoring), then resumes the input partitions, seeks (a round
+    trip to the broker) and resumes the flow again, which clears the agents' queues. Events
+    fetched in that window reached the queue and were cleared, while the fetcher counted
+    them as read and its gap bookkeeping let the commit pass them: a worker that took over
+    a stopped worker's partitions lost a few events per partition (the rebalance test in
+    tests/integration/test_resilience.py, in some runs; faust-streaming issue 596 is about
+    the same window). Recovery sends `on_rebalance_complete` just before it resumes the
+    partitions and seeks, so stopping the flow there makes the fetcher wait for the seek:
+    what it delivers next starts at the committed offsets."""
+
+    async def hold_flow_until_seek(sender, **kwargs) -> None:  # noqa: ANN001 - faust's signal signature
+        app.consumer.stop_flow()
+        app.flow_control.suspend()
+
+    app.on_rebalance_complete.connect(hold_flow_until_seek)  # a strong reference
+
+
 def create_app(settings: Settings) -> Streams:
     _limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
     store = "memory://" if settings.store == "memory" else "rocksdb://"
@@ -101,6 +123,7 @@ def create_app(settings: Settings) -> Streams:
         partitions=settings.partitions,
         use_partitioner=True,  # writes inside take() go to the key's partition
     )
+    _seek_before_fetching(app)
     # table writes queue in faust's producer buffer; its default cap (100 messages) makes every
     # batch wait for the changelog a hundred records at a time
     app.producer.buffer.max_messages = max(1000, settings.max_batch * 4)

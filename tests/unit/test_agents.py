@@ -29,22 +29,83 @@ def test_users_are_counted_from_rocksdb_estimates_without_walking_keys():
     assert count_users(_Table(SimpleNamespace(), size=7)) == 7  # memory store: exact count
 
 
+class _Flow:
+    def __init__(self) -> None:
+        self.active = True
+
+    def is_active(self) -> bool:
+        return self.active
+
+
+def _stream(queue: asyncio.Queue, generation: int = 1) -> SimpleNamespace:
+    app = SimpleNamespace(consumer=SimpleNamespace(unacked=set()), consumer_generation_id=generation, flow_control=_Flow())
+    return SimpleNamespace(app=app, channel=SimpleNamespace(queue=queue))
+
+
+class _Message:  # hashable, as faust's messages are (the in-flight set holds them)
+    def __init__(self, offset, generation: int) -> None:
+        self.partition, self.offset, self.generation_id, self.tracked = 0, offset, generation, False
+
+
+def _event(offset, generation: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(message=_Message(offset, generation))
+
+
+def _offsets(batch) -> list:
+    return [e.message.offset for e in batch]
+
+
 def test_batches_take_a_backlog_at_once_and_wait_briefly_for_more():
     async def scenario():
         queue = asyncio.Queue()
-        stream = SimpleNamespace(channel=SimpleNamespace(queue=queue))
+        stream = _stream(queue)
         for n in range(2500):
-            queue.put_nowait(n)
+            queue.put_nowait(_event(n))
         it = batches(stream, max_batch=1000, max_wait=0.05)
         sizes = [len(await it.__anext__()) for _ in range(3)]  # the backlog: capped, in order
         loop = asyncio.get_running_loop()
-        loop.call_later(0.01, queue.put_nowait, "late")  # arrives within max_wait of the first
-        queue.put_nowait("first")
+        loop.call_later(0.01, queue.put_nowait, _event("late"))  # arrives within max_wait of the first
+        queue.put_nowait(_event("first"))
         started = loop.time()
         tail = await it.__anext__()
         waited = loop.time() - started
-        return sizes, tail, waited
+        return sizes, _offsets(tail), waited, len(stream.app.consumer.unacked)
 
-    sizes, tail, waited = asyncio.run(scenario())
+    sizes, tail, waited, in_flight = asyncio.run(scenario())
     assert sizes == [1000, 1000, 500]
     assert tail == ["first", "late"] and 0.04 <= waited < 0.5
+    assert in_flight == 2502  # every event handed out is in flight until acked: a rebalance waits for it
+
+
+def test_batches_leave_out_events_fetched_before_a_rebalance_and_do_not_track_them():
+    async def scenario():
+        queue = asyncio.Queue()
+        stream = _stream(queue, generation=3)
+        for n in range(5):
+            queue.put_nowait(_event(n, generation=2))  # fetched in the generation before
+        for n in range(5, 8):
+            queue.put_nowait(_event(n, generation=3))
+        it = batches(stream, max_batch=100, max_wait=0.01)
+        first = await it.__anext__()
+        flow = stream.app.flow_control
+        flow.active = False  # a rebalance has begun: what is still queued is stale
+        queue.put_nowait(_event(8, generation=3))
+
+        def resumed():
+            flow.active = True
+            queue.put_nowait(_event(9, generation=3))
+
+        asyncio.get_running_loop().call_later(0.02, resumed)
+        second = await it.__anext__()
+        stream.app.consumer_generation_id = 4
+        queue.put_nowait(_event(10, generation=3))
+        queue.put_nowait(_event(11, generation=4))
+        third = await it.__anext__()
+        unacked = sorted(m.offset for m in stream.app.consumer.unacked)
+        return _offsets(first), _offsets(second), _offsets(third), unacked
+
+    first, second, third, unacked = asyncio.run(scenario())
+    assert first == [5, 6, 7]
+    assert second == [9]  # offset 8 was taken while the flow was suspended
+    assert third == [11]  # offset 10 was fetched in generation 3: the partition's owner reads it again
+    assert unacked == [5, 6, 7, 9, 11]
