@@ -192,7 +192,7 @@ def faust_floor_main() -> None:
 
     import faust
 
-    from pipeline.agents import batches
+    from pipeline.agents import batches, broker_backlog
     from pipeline.app import _limit_fetch_wait
     from pipeline.config import load_settings
 
@@ -208,7 +208,8 @@ def faust_floor_main() -> None:
 
     @app.agent(topic)
     async def floor(stream):  # noqa: ANN001 - faust passes a StreamT
-        async for batch in batches(stream, settings.max_batch, settings.max_wait):
+        behind = broker_backlog(app, settings.max_batch)
+        async for batch in batches(stream, settings.max_batch, settings.max_wait, settings.backlog_wait, behind):
             if not seen["t0"]:
                 seen["t0"], seen["first"] = time.perf_counter(), len(batch)
             for event in batch:

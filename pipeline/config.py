@@ -48,7 +48,8 @@ class Settings:
     exclude_current: bool = False  # never recommend the item just viewed
     trending_window: int = 10000  # events counted for cold-start trending items
     max_batch: int = 1024  # events per batched step at most
-    max_wait: float = 0.01  # seconds to wait for more events once one is there (a backlog is taken at once)
+    max_wait: float = 0.03  # seconds to wait for more events once one is there (a backlog is taken at once)
+    backlog_wait: float = 0.06  # in a backlog (>= max_batch records waiting): seconds a batch may wait to fill
     fetch_max_wait: float = 0.02  # seconds the broker may hold a fetch that has no new data for
     torch_threads: int = 1  # the model's CPU threads in the worker; 0 = torch's default (all cores)
     max_record_bytes: int = 16384  # larger input records go to the dead-letter topic
@@ -155,8 +156,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: partitions, k, max_batch and recent_n must be >= 1")
     if s.snapshot_interval < 0:
         raise ConfigError("config: snapshot_interval must be >= 0 seconds (0 = off)")
-    if s.max_wait <= 0 or s.fetch_max_wait <= 0:
-        raise ConfigError("config: max_wait and fetch_max_wait must be > 0 seconds")
+    if s.max_wait <= 0 or s.fetch_max_wait <= 0 or s.backlog_wait < 0:
+        raise ConfigError("config: max_wait and fetch_max_wait must be > 0 seconds, backlog_wait >= 0")
     if s.torch_threads < 0:
         raise ConfigError("config: torch_threads must be >= 0 (0 = torch's default)")
     if s.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):

@@ -42,6 +42,13 @@ from models.events import Event
 
 log = logging.getLogger(__name__)
 
+# the snapshot consumer asks the broker for at least this much per fetch, waiting up to
+# SNAPSHOT_FETCH_WAIT_MS: snapshots are written once a minute, and with aiokafka's defaults
+# (any data at once) it fetched a few records at a time at live rates, each fetch and its
+# decoding work on the worker's event loop (worker CPU per event at ~1,400 events/s: see README)
+SNAPSHOT_FETCH_MIN_BYTES = 256 * 1024
+SNAPSHOT_FETCH_WAIT_MS = 500
+
 # a flush also happens once this many events are buffered: writing them takes the GIL for a
 # while (~0.25 s per 50,000 events), and smaller flushes keep each stall of the worker short
 FLUSH_EVENTS = 50_000
@@ -264,7 +271,8 @@ class SnapshotConsumer:
         self.done = asyncio.Event()
         s = self.settings
         self.consumer = AIOKafkaConsumer(group_id=snapshot_group(s.app_id), enable_auto_commit=False,
-                                         auto_offset_reset="earliest", **self._client_options())
+                                         auto_offset_reset="earliest", fetch_min_bytes=SNAPSHOT_FETCH_MIN_BYTES,
+                                         fetch_max_wait_ms=SNAPSHOT_FETCH_WAIT_MS, **self._client_options())
         self.consumer.subscribe([s.events_topic], listener=FlushOnRevoke())
         await self.consumer.start()
         last_flush = time.monotonic()

@@ -3,7 +3,7 @@
 import asyncio
 from types import SimpleNamespace
 
-from pipeline.agents import batches, count_users
+from pipeline.agents import batches, broker_backlog, count_users
 
 
 class _Db:
@@ -109,3 +109,49 @@ def test_batches_leave_out_events_fetched_before_a_rebalance_and_do_not_track_th
     assert second == [9]  # offset 8 was taken while the flow was suspended
     assert third == [11]  # offset 10 was fetched in generation 3: the partition's owner reads it again
     assert unacked == [5, 6, 7, 9, 11]
+
+
+def test_in_a_backlog_batches_wait_longer_to_fill_up():
+    """Events trickling in every 30 ms: live, a batch ends after max_wait; in a backlog it
+    fills to max_batch within backlog_wait (from its first event), and asks `behind` once."""
+
+    async def one_batch(behind_now: bool):
+        queue = asyncio.Queue()
+        stream = _stream(queue)
+        asked = []
+
+        def behind(batch):
+            asked.append(len(batch))
+            return behind_now
+
+        loop = asyncio.get_running_loop()
+        for n in range(1, 6):
+            loop.call_later(0.03 * n, queue.put_nowait, _event(n))
+        queue.put_nowait(_event(0))
+        it = batches(stream, max_batch=4, max_wait=0.01, backlog_wait=1.0, behind=behind)
+        started = loop.time()
+        batch = await it.__anext__()
+        return _offsets(batch), loop.time() - started, asked
+
+    live, live_s, live_asked = asyncio.run(one_batch(False))
+    assert live == [0] and live_s < 0.03 and live_asked == [1]
+    backlog, backlog_s, backlog_asked = asyncio.run(one_batch(True))
+    assert backlog == [0, 1, 2, 3] and 0.08 <= backlog_s < 1.0 and backlog_asked == [1]
+
+
+def test_broker_backlog_counts_records_past_each_partitions_newest_event():
+    def event(partition: int, offset: int):
+        return SimpleNamespace(message=SimpleNamespace(tp=("events", partition), offset=offset))
+
+    highwater = {("events", 0): 2000, ("events", 1): 100}
+
+    def hw(tp):
+        if tp not in highwater:
+            raise KeyError(tp)  # faust raises before a partition's first fetch
+        return highwater[tp]
+
+    behind = broker_backlog(SimpleNamespace(consumer=SimpleNamespace(highwater=hw)), threshold=1024)
+    # partition 0's newest is offset 990: 1,009 records wait; partition 1's is 59: 40 wait
+    assert behind([event(0, 980), event(1, 59), event(0, 990)]) is True  # 1,049 >= 1,024
+    assert behind([event(0, 1020), event(1, 59)]) is False  # 979 + 40 = 1,019
+    assert behind([event(2, 5)]) is False  # no high-water mark known yet
