@@ -436,7 +436,7 @@ def _plot(result: dict, timeline: list[tuple[float, float]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
-    names = ["aiokafka passthrough", "empty faust agent", "recur worker"]
+    names = ["aiokafka\npassthrough", "empty\nfaust agent", "recur\nworker"]
     values = [result["passthrough_events_per_s"], result["faust_empty_agent_events_per_s"], result["worker_events_per_s"]]
     a.bar(names, values, color=["#888", "#bbb", "#2a7"])
     a.set_ylabel("events / s")

@@ -1,26 +1,36 @@
+import asyncio
+import gc
+
 import pyarrow.parquet as pq
 
 from models.data import read_sessions, read_snapshot_events
 from models.events import Event
 from pipeline.cli import main
-from pipeline.snapshots import SCHEMA, Applied, compact, list_files, to_table, write_snapshot
+from pipeline.snapshots import SCHEMA, Buffer, compact, list_files, to_table, write_snapshot
 
 HOUR = 3_600_000
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR  # start of an hour
 
 
 def _applied(part, off, user, item, t, etype=0):
-    return Applied(part, off, Event(user, item, etype, t))
+    return part, off, Event(user, item, etype, t)
+
+
+def _buffer(events):
+    buf = Buffer()
+    for part, off, event in events:
+        buf.add(part, off, event)
+    return buf
 
 
 def test_files_are_named_by_partition_hour_and_offsets_and_rewrite_in_place(tmp_path):
     evs = [_applied(0, 5, "a", "i1", T0 + 1), _applied(0, 6, "b", "i2", T0 + 2), _applied(0, 7, "a", "i3", T0 + 3),
            _applied(1, 9, "c", "i4", T0 + HOUR + 5)]
-    written = write_snapshot(str(tmp_path), evs)
+    written = write_snapshot(str(tmp_path), _buffer(evs))
     paths = sorted(p for p, _, _ in written)
     assert paths == ["dt=2023-11-14/hour=22/p000-000000000005-000000000007.parquet",
                      "dt=2023-11-14/hour=23/p001-000000000009-000000000009.parquet"]
-    write_snapshot(str(tmp_path), evs[:3])  # redone after a crash: same name, no duplicate file
+    write_snapshot(str(tmp_path), _buffer(evs[:3]))  # redone after a crash: same name, no duplicate file
     assert len(list_files(str(tmp_path))) == 2
     table = pq.read_table(tmp_path / paths[0])
     assert table.schema.equals(SCHEMA, check_metadata=False) or set(SCHEMA.names) <= set(table.schema.names)
@@ -33,7 +43,7 @@ def test_files_are_named_by_partition_hour_and_offsets_and_rewrite_in_place(tmp_
 def test_rows_group_each_users_events_in_offset_order_whatever_order_they_arrive_in():
     evs = [_applied(2, 12, "b", "i5", T0 + 9, 1), _applied(2, 10, "a", "i1", T0 + 1), _applied(2, 14, "c", "i7", T0 + 4),
            _applied(2, 11, "b", "i2", T0 + 2), _applied(2, 13, "a", "i3", T0 + 3)]
-    table = to_table(evs, T0 + 100)
+    table = to_table(_buffer(evs).to_arrow(), T0 + 100)
     assert table.schema.equals(SCHEMA)
     assert table.column("user_id").to_pylist() == ["a", "b", "c"]  # by each row's first offset
     a, b, c = table.to_pylist()
@@ -45,8 +55,8 @@ def test_rows_group_each_users_events_in_offset_order_whatever_order_they_arrive
 
 
 def test_reader_drops_duplicates_and_orders_by_time(tmp_path):
-    write_snapshot(str(tmp_path), [_applied(0, 1, "a", "x", T0 + 1), _applied(0, 2, "a", "y", T0 + 2)])
-    write_snapshot(str(tmp_path), [_applied(0, 2, "a", "y", T0 + 2), _applied(0, 3, "a", "z", T0 + 3)])  # overlap
+    write_snapshot(str(tmp_path), _buffer([_applied(0, 1, "a", "x", T0 + 1), _applied(0, 2, "a", "y", T0 + 2)]))
+    write_snapshot(str(tmp_path), _buffer([_applied(0, 2, "a", "y", T0 + 2), _applied(0, 3, "a", "z", T0 + 3)]))  # overlap
     (tmp_path / "dt=2023-11-14" / "hour=22" / ".half-written.parquet.tmp-1").write_bytes(b"PAR1 garbage")
     events = read_snapshot_events(tmp_path)
     assert sorted((e.item_id, e.event_id) for e in events) == [("x", "0-1"), ("y", "0-2"), ("z", "0-3")]
@@ -56,7 +66,7 @@ def test_reader_drops_duplicates_and_orders_by_time(tmp_path):
 
 def test_compact_merges_past_hours_without_changing_what_readers_see(tmp_path, capsys):
     for off in range(6):
-        write_snapshot(str(tmp_path), [_applied(off % 2, off, f"u{off % 3}", f"i{off}", T0 + off)])
+        write_snapshot(str(tmp_path), _buffer([_applied(off % 2, off, f"u{off % 3}", f"i{off}", T0 + off)]))
     before = sorted((e.event_id, e.item_id, e.user_id) for e in read_snapshot_events(tmp_path))
     assert len(list_files(str(tmp_path))) == 6
     merged = compact(str(tmp_path), before_ms=T0 + 2 * HOUR)
@@ -70,5 +80,67 @@ def test_compact_merges_past_hours_without_changing_what_readers_see(tmp_path, c
 
 def test_current_hour_is_left_alone(tmp_path):
     for off in range(3):
-        write_snapshot(str(tmp_path), [_applied(0, off, "u", "i", T0 + off)])
+        write_snapshot(str(tmp_path), _buffer([_applied(0, off, "u", "i", T0 + off)]))
     assert compact(str(tmp_path), before_ms=T0 + 10) == []
+
+
+def test_buffered_events_add_nothing_for_the_cyclic_gc_to_walk():
+    # event objects kept until the next flush made Python run a full collection over them every
+    # few seconds in the worker (17-63 ms pauses); the buffer holds only strings and ints
+    buf = Buffer()
+    gc.collect()
+    before = len(gc.get_objects())
+    for off in range(20_000):
+        buf.add(off % 4, off, Event(f"user-{off % 5000}", f"item-{off % 700}", off % 2, T0 + off))
+    gc.collect()
+    assert len(buf) == 20_000
+    assert len(gc.get_objects()) - before < 50  # a list of event objects: >= 20,000
+    table = buf.to_arrow()
+    assert table.num_rows == 20_000 and table["offset"][19_999].as_py() == 19_999
+    assert table["user_id"][7].as_py() == "user-7" and table["event_type"][7].as_py() == 1
+
+
+def test_events_of_two_hours_and_partitions_go_to_separate_files(tmp_path):
+    evs = [_applied(p, off, f"u{off % 3}", f"i{off}", T0 + (off % 2) * HOUR + off) for p in (0, 3) for off in range(10)]
+    written = write_snapshot(str(tmp_path), _buffer(evs))
+    assert sorted((p, rows) for p, rows, _ in written) == [
+        ("dt=2023-11-14/hour=22/p000-000000000000-000000000008.parquet", 3),
+        ("dt=2023-11-14/hour=22/p003-000000000000-000000000008.parquet", 3),
+        ("dt=2023-11-14/hour=23/p000-000000000001-000000000009.parquet", 3),
+        ("dt=2023-11-14/hour=23/p003-000000000001-000000000009.parquet", 3)]
+    assert write_snapshot(str(tmp_path / "empty"), Buffer()) == []
+    assert len(read_snapshot_events(tmp_path)) == 20
+
+
+def test_a_failed_write_keeps_the_events_and_their_offsets_for_the_next_flush(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.config import load_settings
+    from pipeline.metrics import Metrics
+    from pipeline.snapshots import SnapshotConsumer
+
+    class Consumer:  # the aiokafka consumer's commit, recorded
+        def __init__(self):
+            self.commits = []
+
+        async def commit(self, offsets):
+            self.commits.append(offsets)
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the snapshot folder should be")
+    settings = load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_SNAPSHOT_DIR": str(blocked)})
+    metrics = Metrics(CollectorRegistry())
+    snap = SnapshotConsumer(settings, metrics)
+    snap.consumer = Consumer()
+    for off in range(3):
+        snap.pending.add(0, off, Event("u", f"i{off}", 0, T0 + off))
+    snap.offsets["tp0"] = 3
+    asyncio.run(snap.flush())
+    assert snap.consumer.commits == [] and len(snap.pending) == 3 and snap.offsets == {"tp0": 3}
+    assert metrics.snapshot_failures._value.get() == 1
+    snap.pending.add(0, 3, Event("u", "i3", 0, T0 + 3))  # read after the failure
+    snap.offsets["tp0"] = 4
+    blocked.unlink()
+    asyncio.run(snap.flush())
+    assert snap.consumer.commits == [{"tp0": 4}] and len(snap.pending) == 0 and snap.offsets == {}
+    assert [e.item_id for e in read_snapshot_events(blocked)] == ["i0", "i1", "i2", "i3"]
