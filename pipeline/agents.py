@@ -154,14 +154,22 @@ class BatchHandler:
         asyncio.gather(*pending).add_done_callback(persisted)
 
     def _lag(self, last_offsets: dict) -> None:
-        consumer = self.streams.app.consumer
-        for tp, offset in last_offsets.items():
-            try:
-                highwater = consumer.highwater(tp)
-            except Exception:  # no highwater known yet for this partition
-                continue
-            if highwater is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(0, highwater - offset - 1))
+        for tp, waiting in records_after(self.streams.app.consumer, last_offsets).items():
+            self.metrics.lag.labels(str(tp.partition)).set(waiting)
+
+
+def records_after(consumer, newest: dict) -> dict:  # noqa: ANN001 - faust's consumer
+    """{tp: offset} -> {tp: records on the broker past that offset}, by the consumer's last known
+    high-water marks; a partition with none known yet (no fetch answered) is left out."""
+    waiting = {}
+    for tp, offset in newest.items():
+        try:
+            highwater = consumer.highwater(tp)
+        except Exception:  # faust raises before a partition's first fetch
+            continue
+        if highwater is not None:
+            waiting[tp] = max(0, highwater - offset - 1)
+    return waiting
 
 
 def bind_current_event(event: EventT) -> None:
@@ -184,15 +192,7 @@ def broker_backlog(app, threshold: int) -> Callable[[list[EventT]], bool]:  # no
             msg = event.message
             if msg.tp not in newest:
                 newest[msg.tp] = msg.offset
-        consumer, waiting = app.consumer, 0
-        for tp, offset in newest.items():
-            try:
-                highwater = consumer.highwater(tp)
-            except Exception:  # no fetch answered for this partition yet
-                continue
-            if highwater is not None:
-                waiting += max(0, highwater - offset - 1)
-        return waiting >= threshold
+        return sum(records_after(app.consumer, newest).values()) >= threshold
 
     return behind
 
