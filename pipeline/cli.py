@@ -158,7 +158,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_snapshots(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from pipeline.snapshots import compact, list_files
+    from pipeline.snapshot_files import compact, list_files
 
     root = args.dir or _settings(args).snapshot_root
     if args.action == "compact":
@@ -167,7 +167,8 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
             print(f"{target}: merged {n} files")
         print(f"compacted {len(merged)} groups under {root}")
         return 0
-    files = list_files(root)
+    listing = list_files(root)
+    files = listing.files
 
     def when(ms: int) -> str:
         return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -175,9 +176,13 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     for f in files:
         print(f"{f.path}  rows={f.rows} users={f.users} events={f.events} bytes={f.size}  {when(f.first_ms)} .. {when(f.last_ms)}")
     if files:
-        print(f"{len(files)} files, {sum(f.rows for f in files)} rows, {sum(f.events for f in files)} events, "
+        copies = sum(f.events for f in files) - listing.distinct_events
+        print(f"{len(files)} files, {sum(f.rows for f in files)} rows, {listing.distinct_events} events"
+              f"{f' (+{copies} duplicate copies: recur snapshots compact removes them)' if copies else ''}, "
               f"{sum(f.size for f in files)} bytes, {when(min(f.first_ms for f in files))} .. "
               f"{when(max(f.last_ms for f in files))} (UTC)")
+    if listing.temporary_files:
+        print(f"{listing.temporary_files} temporary files (a write in progress, or left by a crash)")
     else:
         print(f"no snapshot files under {root}")
     return 0

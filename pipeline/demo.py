@@ -133,10 +133,10 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
         warm, _ = online_hit_rate(events, lists, {e.event_id for e in after})
         _say(f"5. streamed {len(after)} more events with model {sorted(versions)}; hit rate {warm:.3f} "
              f"({warm / max(cold, 1e-9):.1f}x the cold start)")
-        from pipeline.snapshots import list_files
+        from pipeline.snapshot_files import list_files
 
-        files = list_files(settings.snapshot_dir)
-        _say(f"6. snapshots: {len(files)} files, {sum(f.events for f in files)} events (recur snapshots ls --dir {settings.snapshot_dir})")
+        listing = list_files(settings.snapshot_dir)
+        _say(f"6. snapshots: {len(listing.files)} files, {listing.distinct_events} events (recur snapshots ls --dir {settings.snapshot_dir})")
         return 0 if warm >= 2 * cold and versions == {version} else 1
     finally:
         if worker is not None and worker.poll() is None:

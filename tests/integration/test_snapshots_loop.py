@@ -14,7 +14,7 @@ from models.evaluate import evaluate_model, evaluate_scorer, online_hit_rate
 from models.synthetic import SyntheticConfig, generate
 from models.train import TrainConfig, train
 from pipeline.clients import produce_events, shift_to_now
-from pipeline.snapshots import list_files
+from pipeline.snapshot_files import list_files
 
 from .conftest import Watcher
 
@@ -46,7 +46,7 @@ def test_every_event_is_in_the_snapshots_exactly_once_after_sigkill(stack, tmp_p
     recs.wait_for_events({e.event_id for e in events}, timeout=120)
     assert stack.stop_worker(worker) == 0  # clean stop flushes the last snapshot
     recs.close()
-    files = list_files(str(snap))  # every file under its final name reads as Parquet
+    files = list_files(str(snap)).files  # every file under its final name reads as Parquet
     assert files and all(f.rows > 0 for f in files)
     got = read_snapshot_events(snap)
     key = lambda e: (e.user_id, e.item_id, e.event_type, e.timestamp_ms)  # noqa: E731
@@ -75,7 +75,7 @@ def test_closed_loop_retrained_model_doubles_the_online_hit_rate(stack, tmp_path
     recs.wait_for_events({e.event_id for e in before}, timeout=90)
     deadline = time.monotonic() + 20  # the next snapshot flushes (every 1 s; fetches wait up to 0.5 s)
     while True:
-        sessions = read_sessions(snap, "parquet") if list_files(str(snap)) else []
+        sessions = read_sessions(snap, "parquet") if list_files(str(snap)).files else []
         if sum(len(s) for s in sessions) >= len(before) or time.monotonic() > deadline:
             break
         time.sleep(0.5)

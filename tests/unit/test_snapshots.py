@@ -2,11 +2,12 @@ import asyncio
 import gc
 
 import pyarrow.parquet as pq
+from aiokafka import TopicPartition
 
 from models.data import read_sessions, read_snapshot_events
 from models.events import Event
 from pipeline.cli import main
-from pipeline.snapshots import SCHEMA, Buffer, compact, list_files, to_table, write_snapshot
+from pipeline.snapshot_files import SCHEMA, Buffer, compact, list_files, remove_uncommitted, to_table, write_snapshot
 
 HOUR = 3_600_000
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR  # start of an hour
@@ -31,7 +32,7 @@ def test_files_are_named_by_partition_hour_and_offsets_and_rewrite_in_place(tmp_
     assert paths == ["dt=2023-11-14/hour=22/p000-000000000005-000000000007.parquet",
                      "dt=2023-11-14/hour=23/p001-000000000009-000000000009.parquet"]
     write_snapshot(str(tmp_path), _buffer(evs[:3]))  # redone after a crash: same name, no duplicate file
-    assert len(list_files(str(tmp_path))) == 2
+    assert len(list_files(str(tmp_path)).files) == 2
     table = pq.read_table(tmp_path / paths[0])
     assert table.schema.equals(SCHEMA, check_metadata=False) or set(SCHEMA.names) <= set(table.schema.names)
     rows = {r["user_id"]: r for r in table.to_pylist()}
@@ -68,10 +69,10 @@ def test_compact_merges_past_hours_without_changing_what_readers_see(tmp_path, c
     for off in range(6):
         write_snapshot(str(tmp_path), _buffer([_applied(off % 2, off, f"u{off % 3}", f"i{off}", T0 + off)]))
     before = sorted((e.event_id, e.item_id, e.user_id) for e in read_snapshot_events(tmp_path))
-    assert len(list_files(str(tmp_path))) == 6
+    assert len(list_files(str(tmp_path)).files) == 6
     merged = compact(str(tmp_path), before_ms=T0 + 2 * HOUR)
     assert sorted(n for _, n in merged) == [3, 3]
-    assert len(list_files(str(tmp_path))) == 2
+    assert len(list_files(str(tmp_path)).files) == 2
     assert sorted((e.event_id, e.item_id, e.user_id) for e in read_snapshot_events(tmp_path)) == before
     assert main(["snapshots", "ls", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -112,35 +113,113 @@ def test_events_of_two_hours_and_partitions_go_to_separate_files(tmp_path):
     assert len(read_snapshot_events(tmp_path)) == 20
 
 
-def test_a_failed_write_keeps_the_events_and_their_offsets_for_the_next_flush(tmp_path):
+class _Consumer:  # the aiokafka consumer's commit, recorded
+    def __init__(self):
+        self.commits = []
+
+    async def commit(self, offsets):
+        self.commits.append(offsets)
+
+
+def _snapshot_consumer(tmp_path, root):
     from prometheus_client import CollectorRegistry
 
     from pipeline.config import load_settings
     from pipeline.metrics import Metrics
     from pipeline.snapshots import SnapshotConsumer
 
-    class Consumer:  # the aiokafka consumer's commit, recorded
-        def __init__(self):
-            self.commits = []
+    settings = load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_SNAPSHOT_DIR": str(root)})
+    snap = SnapshotConsumer(settings, Metrics(CollectorRegistry()))
+    snap.consumer = _Consumer()
+    return snap
 
-        async def commit(self, offsets):
-            self.commits.append(offsets)
 
+TP0 = TopicPartition("events", 0)
+
+
+def test_a_failed_write_keeps_the_events_and_their_offsets_for_the_next_flush(tmp_path):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the snapshot folder should be")
-    settings = load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_SNAPSHOT_DIR": str(blocked)})
-    metrics = Metrics(CollectorRegistry())
-    snap = SnapshotConsumer(settings, metrics)
-    snap.consumer = Consumer()
+    snap = _snapshot_consumer(tmp_path, blocked)
+    snap.positions[TP0] = 0
     for off in range(3):
         snap.pending.add(0, off, Event("u", f"i{off}", 0, T0 + off))
-    snap.offsets["tp0"] = 3
+    snap.offsets[TP0] = 3
     asyncio.run(snap.flush())
-    assert snap.consumer.commits == [] and len(snap.pending) == 3 and snap.offsets == {"tp0": 3}
-    assert metrics.snapshot_failures._value.get() == 1
+    assert snap.consumer.commits == [] and len(snap.pending) == 3 and snap.offsets == {TP0: 3}
+    assert snap.metrics.snapshot_failures._value.get() == 1
     snap.pending.add(0, 3, Event("u", "i3", 0, T0 + 3))  # read after the failure
-    snap.offsets["tp0"] = 4
+    snap.offsets[TP0] = 4
     blocked.unlink()
     asyncio.run(snap.flush())
-    assert snap.consumer.commits == [{"tp0": 4}] and len(snap.pending) == 0 and snap.offsets == {}
+    assert snap.consumer.commits == [{TP0: 4}] and len(snap.pending) == 0 and snap.offsets == {}
     assert [e.item_id for e in read_snapshot_events(blocked)] == ["i0", "i1", "i2", "i3"]
+
+
+def test_files_written_before_a_failure_are_removed_before_the_retry(tmp_path, monkeypatch):
+    import pipeline.snapshots as snapshots
+
+    root = tmp_path / "snap"
+    snap = _snapshot_consumer(tmp_path, root)
+    snap.positions[TP0] = 0
+    for off in range(4):  # two hours: two files
+        snap.pending.add(0, off, Event("u", f"i{off}", 0, T0 + (off // 2) * HOUR + off))
+    snap.offsets[TP0] = 4
+
+    def first_file_then_fail(root_, events):
+        write_snapshot(root_, _buffer([(0, off, Event("u", f"i{off}", 0, T0 + off)) for off in range(2)]))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(snapshots, "write_snapshot", first_file_then_fail)
+    asyncio.run(snap.flush())
+    assert len(list_files(str(root)).files) == 1 and snap.consumer.commits == []
+    monkeypatch.setattr(snapshots, "write_snapshot", write_snapshot)
+    snap.pending.add(0, 4, Event("u", "i4", 0, T0 + 4))  # read meanwhile: the retry covers another range
+    snap.offsets[TP0] = 5
+    asyncio.run(snap.flush())
+    listing = list_files(str(root))
+    assert snap.consumer.commits == [{TP0: 5}]
+    assert sum(f.events for f in listing.files) == listing.distinct_events == 5  # each event in one file
+
+
+def test_remove_uncommitted_takes_out_exactly_the_events_at_or_past_the_position(tmp_path):
+    root = str(tmp_path)
+    write_snapshot(root, _buffer([_applied(0, off, "a", f"i{off}", T0 + off) for off in range(0, 5)]))  # committed
+    write_snapshot(root, _buffer([_applied(0, off, "b", f"i{off}", T0 + HOUR + off) for off in range(5, 9)]))  # not
+    write_snapshot(root, _buffer([_applied(1, off, "c", f"i{off}", T0 + off) for off in range(0, 9)]))  # other partition
+    hour = tmp_path / "dt=2023-11-14" / "hour=22"
+    (hour / ".p000-000000000005-000000000009.parquet.tmp-1").write_bytes(b"PAR1 half")
+    (hour / ".p001-000000000009-000000000012.parquet.tmp-1").write_bytes(b"PAR1 half")
+    done = remove_uncommitted(root, {0: 5})
+    assert (done.files_removed, done.files_trimmed, done.events_removed, done.temporary_removed) == (1, 0, 4, 1)
+    events = sorted((e.event_id for e in read_snapshot_events(tmp_path)), key=lambda i: tuple(map(int, i.split("-"))))
+    assert events == [f"0-{n}" for n in range(5)] + [f"1-{n}" for n in range(9)]
+    assert [p.name for p in hour.glob(".*")] == [".p001-000000000009-000000000012.parquet.tmp-1"]
+    # a compacted file that holds both: the committed part stays, the rest goes
+    compact(root, before_ms=T0 + 3 * HOUR)
+    write_snapshot(root, _buffer([_applied(0, off, "a", f"i{off}", T0 + off) for off in range(5, 7)]))
+    compact(root, before_ms=T0 + 3 * HOUR)
+    done = remove_uncommitted(root, {0: 3})
+    assert (done.files_trimmed, done.events_removed) == (1, 4)
+    assert sorted(e.event_id for e in read_snapshot_events(tmp_path) if e.event_id.startswith("0-")) == ["0-0", "0-1", "0-2"]
+
+
+def test_compact_drops_copies_left_by_older_versions_and_stale_temporary_files(tmp_path, capsys):
+    import os
+    import time
+
+    import pyarrow.dataset as ds
+
+    write_snapshot(str(tmp_path), _buffer([_applied(0, off, "a", f"i{off}", T0 + off) for off in range(0, 6)]))
+    write_snapshot(str(tmp_path), _buffer([_applied(0, off, "a", f"i{off}", T0 + off) for off in range(3, 9)]))
+    hour = tmp_path / "dt=2023-11-14" / "hour=22"
+    stale, fresh = hour / ".p000-1-2.parquet.tmp-7", hour / ".p000-3-4.parquet.tmp-8"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert main(["snapshots", "ls", "--dir", str(tmp_path)]) == 0
+    assert "2 files, 2 rows, 9 events (+3 duplicate copies" in capsys.readouterr().out
+    assert compact(str(tmp_path), before_ms=T0 + 2 * HOUR) == [("dt=2023-11-14/hour=22/p000-000000000000-000000000008.parquet", 2)]
+    offsets = ds.dataset(str(tmp_path), format="parquet", partitioning="hive").to_table()["offsets"].to_pylist()
+    assert sorted(o for row in offsets for o in row) == list(range(9))  # each event once, for any reader
+    assert not stale.exists() and fresh.exists()  # a fresh one may be a write in progress
