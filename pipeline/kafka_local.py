@@ -8,6 +8,7 @@ Jars: Apache Kafka 3.9.2 resolved by Maven from `deploy/kafka/pom.xml` into
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import shutil
@@ -108,19 +109,18 @@ class LocalKafka:
         )
         return props
 
-    def _format(self, props: Path) -> None:
+    def _format(self, props: Path, cluster_id: str | None = None) -> None:
         if (self.data / "meta.properties").exists():
             return
-        cluster_id = uuid.uuid4().bytes
-        import base64
-
-        cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
+        cid = cluster_id or new_cluster_id()
+        # `--cluster-id=<id>`, not `-t <id>`: a random id may begin with "-" (1 in 64), which the
+        # storage tool's parser would take for an option
         proc = subprocess.run(
-            self._java("kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props)),
+            self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cid}", "-c", str(props)),
             capture_output=True, text=True,
         )
         if proc.returncode != 0:
-            raise BrokerError("kafka: formatting the log dir failed: " + proc.stderr.strip()[-300:])
+            raise BrokerError("kafka: formatting the log dir failed: " + error_lines(proc.stdout + proc.stderr))
 
     # -- running -----------------------------------------------------------
     def pid(self) -> int | None:
@@ -211,6 +211,19 @@ class LocalKafka:
         if pid is not None:
             return f"kafka process {pid} is up but does not answer at {self.bootstrap}"
         return "kafka is down"
+
+
+def new_cluster_id() -> str:
+    """A random KRaft cluster id: 16 bytes, URL-safe base64 without padding (as Kafka's own)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def error_lines(output: str, most: int = 3) -> str:
+    """A tool's output -> its error lines (or its last lines), whole, joined by " | "."""
+    lines = [line.strip() for line in output.splitlines()
+             if line.strip() and not line.startswith("log4j:") and not line.strip().startswith(("at ", "..."))]
+    errors = [line for line in lines if "error" in line.lower() or "exception" in line.lower()]
+    return " | ".join((errors or lines)[-most:]) or "no output"
 
 
 def _reaped(pid: int) -> bool:

@@ -1,0 +1,30 @@
+from pipeline.kafka_local import error_lines, new_cluster_id
+
+STORAGE_TOOL_USAGE_ERROR = """log4j:WARN No appenders could be found for logger (kafka.utils.Log4jControllerRegistration$).
+log4j:WARN Please initialize the log4j system properly.
+usage: kafka-storage format [-h] --config CONFIG --cluster-id CLUSTER_ID
+                     [--add-scram ADD_SCRAM] [--ignore-formatted]
+                     [--release-version RELEASE_VERSION]
+kafka-storage: error: argument --cluster-id/-t: expected one argument
+"""
+
+STACK_TRACE = """log4j:WARN Please initialize the log4j system properly.
+Exception in thread "main" java.nio.file.NoSuchFileException: /tmp/nonexist.properties
+\tat java.base/sun.nio.fs.UnixException.translateToIOException(UnixException.java:92)
+\tat java.base/sun.nio.fs.UnixException.rethrowAsIOException(UnixException.java:106)
+\t... 12 more
+"""
+
+
+def test_error_lines_are_whole_lines_without_usage_or_stack_frames():
+    # the old message was the last 300 characters of stderr, cut mid-word
+    assert error_lines(STORAGE_TOOL_USAGE_ERROR) == "kafka-storage: error: argument --cluster-id/-t: expected one argument"
+    assert error_lines(STACK_TRACE) == 'Exception in thread "main" java.nio.file.NoSuchFileException: /tmp/nonexist.properties'
+    assert error_lines("one\ntwo\nthree\nfour\n") == "two | three | four"
+    assert error_lines("") == "no output"
+
+
+def test_cluster_ids_are_kafka_sized_and_url_safe():
+    ids = {new_cluster_id() for _ in range(2000)}
+    assert len(ids) == 2000 and all(len(i) == 22 and "=" not in i and "/" not in i and "+" not in i for i in ids)
+    assert any(i.startswith("-") for i in ids)  # 1 in 64: why the storage tool gets --cluster-id=<id>
