@@ -6,16 +6,15 @@ import asyncio
 import logging
 import os
 import time
-import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
-from faust import streams as faust_streams
-from faust.types import TP, EventT
+from faust.types import EventT
 
 from models.artifacts import Artifact
 from models.errors import BadRecord, RecurError
 from models.online import InputEvent, OnlineRecommender, UserState
+from pipeline import faust_internals as internals
 from pipeline.app import Streams
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
@@ -135,7 +134,7 @@ class BatchHandler:
         if not changed:
             return
         table = self.streams.state
-        topic = table.changelog_topic.get_topic_name()
+        topic = table.changelog_topic.get_topic_name()  # public: Topic.get_topic_name()
         producer = self.streams.app.producer
         records = [(user.encode(), state.encode(), source[user]) for user, state in changed.items()]
         self.store.write(records, bind)
@@ -149,7 +148,7 @@ class BatchHandler:
             for meta in done.result():
                 last[meta.partition] = max(meta.offset, last.get(meta.partition, -1))
             for partition, offset in last.items():
-                table.data.set_persisted_offset(TP(topic, partition), offset)
+                internals.set_persisted_offset(table, partition, offset)
 
         asyncio.gather(*pending).add_done_callback(persisted)
 
@@ -170,15 +169,6 @@ def records_after(consumer, newest: dict) -> dict:  # noqa: ANN001 - faust's con
         if highwater is not None:
             waiting[tp] = max(0, highwater - offset - 1)
     return waiting
-
-
-def bind_current_event(event: EventT) -> None:
-    """Make `event` the current event of this task only (a context variable).
-
-    Not `stream._set_current_event`: that also sets the stream's attribute, which
-    take_events()' background task reads to pair the next message with its event;
-    overwriting it pairs a new message with an old event (one lost, one repeated)."""
-    faust_streams._current_event.set(weakref.ref(event))
 
 
 def broker_backlog(app, threshold: int) -> Callable[[list[EventT]], bool]:  # noqa: ANN001
@@ -216,21 +206,15 @@ async def batches(stream, max_batch: int, max_wait: float, backlog_wait: float =
     before it commits and hands partitions over. Nothing is acked here: the caller acks
     each batch after it is processed."""
     app = stream.app
-    in_flight = app.consumer.unacked
-    flow = app.flow_control
-    queue = stream.channel.queue
+    queue = internals.agent_queue(stream)
     loop = asyncio.get_running_loop()
 
     def current(event: EventT) -> bool:
-        msg = event.message
-        if msg.generation_id != app.consumer_generation_id or not flow.is_active():
-            log.debug("worker: left out an event fetched before the rebalance (partition %d offset %d)",
-                      msg.partition, msg.offset)
-            return False
-        if not msg.tracked:
-            msg.tracked = True
-            in_flight.add(msg)
-        return True
+        if internals.take(app, event):
+            return True
+        log.debug("worker: left out an event fetched before the rebalance (partition %d offset %d)",
+                  event.message.partition, event.message.offset)
+        return False
 
     while True:
         try:
@@ -265,7 +249,7 @@ def register(streams: Streams, handler: BatchHandler, settings: Settings) -> Non
         behind = broker_backlog(streams.app, settings.max_batch)
         async for batch in batches(stream, settings.max_batch, settings.max_wait, settings.backlog_wait, behind):
             try:
-                await handler.handle(batch, bind=bind_current_event)
+                await handler.handle(batch, bind=internals.bind_current_event)
             except Exception:
                 # A bug must crash loudly before the batch is acked, so that it is
                 # re-delivered; faust would otherwise restart the agent and move on.
@@ -299,23 +283,9 @@ def register_model_watch(streams: Streams, handler: BatchHandler, settings: Sett
         handler.pending = artifact
 
 
-def count_users(table) -> int:  # noqa: ANN001 - a faust Table
-    """Users with state in this worker's partitions. On RocksDB, the sum of each partition's
-    `rocksdb.estimate-num-keys` (less its one offset record): counting exactly walks every key
-    in Python, which at 100,000 users held the event loop for a noticeable fraction of a second."""
-    store = table.data
-    actives = getattr(store, "_dbs_for_actives", None)
-    if actives is not None and getattr(store, "use_rocksdict", False):
-        try:
-            return sum(max(0, db.property_int_value("rocksdb.estimate-num-keys") - 1) for db in actives())
-        except Exception as e:  # another rocksdb binding, or the property is missing: count exactly
-            log.warning("users gauge: no RocksDB key estimate (%s); counting every key", type(e).__name__)
-    return len(table)
-
-
-def register_users_gauge(streams: Streams, metrics: Metrics, interval: float = 60.0) -> None:
-    """Users in state, on a slow timer, never per batch."""
+def register_users_gauge(streams: Streams, handler: BatchHandler, metrics: Metrics, interval: float) -> None:
+    """Users in state, counted exactly on a slow timer, never per batch."""
 
     @streams.app.timer(interval)
     async def count_users_in_state() -> None:
-        metrics.users.set(count_users(streams.state))
+        metrics.users.set(await handler.store.count())

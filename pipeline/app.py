@@ -9,9 +9,9 @@ import ssl
 from dataclasses import dataclass
 
 import faust
-import faust.transport.drivers.aiokafka as faust_aiokafka
 
 from pipeline.config import Settings
+from pipeline.faust_internals import hold_flow_until_seek, limit_fetch_wait, set_producer_buffer
 
 
 @dataclass
@@ -37,54 +37,8 @@ def _credentials(settings: Settings):
     )
 
 
-def _limit_fetch_wait(ms: int) -> None:
-    """Make faust's consumer ask the broker to hold a fetch with no new data for `ms`.
-
-    Faust's aiokafka driver hard-codes 1,500 ms and has no setting for it. aiokafka keeps
-    one fetch in flight per broker and leaves out partitions whose records are still being
-    processed, so the broker holds that fetch for the full wait on partitions with nothing
-    new (the table's changelog), and no new events reach the worker meanwhile: under a
-    steady 700 events/s the worker stalled 0.7-1.5 s every couple of seconds (p50 latency
-    1.3 s; 93 ms with a 10 ms wait). The wait is set on the consumer faust creates, before
-    it starts (aiokafka reads it when it builds its fetcher)."""
-    create = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
-    if getattr(create, "recur_fetch_wait_ms", None) == ms:
-        return
-
-    def create_worker_consumer(self, transport):  # noqa: ANN001, ANN202 - faust's signature
-        consumer = create(self, transport)
-        consumer._fetch_max_wait_ms = ms
-        return consumer
-
-    create_worker_consumer.recur_fetch_wait_ms = ms
-    create_worker_consumer.__wrapped__ = getattr(create, "__wrapped__", create)
-    faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
-
-
-def _seek_before_fetching(app: faust.App) -> None:
-    """After a rebalance, keep the consumer from delivering events until recovery has
-    sought the input partitions back to their committed offsets.
-
-    Faust 0.15.3's recovery resumes the consumer's flow early (to read changelogs, or at
-    once when nothing needs restoring), then resumes the input partitions, seeks (a round
-    trip to the broker) and resumes the flow again, which clears the agents' queues. Events
-    fetched in that window reached the queue and were cleared, while the fetcher counted
-    them as read and its gap bookkeeping let the commit pass them: a worker that took over
-    a stopped worker's partitions lost a few events per partition (the rebalance test in
-    tests/integration/test_resilience.py, in some runs; faust-streaming issue 596 is about
-    the same window). Recovery sends `on_rebalance_complete` just before it resumes the
-    partitions and seeks, so stopping the flow there makes the fetcher wait for the seek:
-    what it delivers next starts at the committed offsets."""
-
-    async def hold_flow_until_seek(sender, **kwargs) -> None:  # noqa: ANN001 - faust's signal signature
-        app.consumer.stop_flow()
-        app.flow_control.suspend()
-
-    app.on_rebalance_complete.connect(hold_flow_until_seek)  # a strong reference
-
-
 def create_app(settings: Settings) -> Streams:
-    _limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
+    limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
     store = "memory://" if settings.store == "memory" else "rocksdb://"
     app = faust.App(
         settings.app_id,
@@ -123,8 +77,6 @@ def create_app(settings: Settings) -> Streams:
         partitions=settings.partitions,
         use_partitioner=True,  # writes inside take() go to the key's partition
     )
-    _seek_before_fetching(app)
-    # table writes queue in faust's producer buffer; its default cap (100 messages) makes every
-    # batch wait for the changelog a hundred records at a time
-    app.producer.buffer.max_messages = max(1000, settings.max_batch * 4)
+    hold_flow_until_seek(app)
+    set_producer_buffer(app, max(1000, settings.max_batch * 4))
     return Streams(app, events, recs, dlq, state)

@@ -55,6 +55,7 @@ class Settings:
     max_record_bytes: int = 16384  # larger input records go to the dead-letter topic
     snapshot_dir: str = ""  # Parquet snapshots: a folder or pyarrow.fs URI; empty = <var_dir>/snapshots
     snapshot_interval: float = 60.0  # seconds between snapshots; 0 = no snapshots
+    users_count_interval: float = 60.0  # seconds between exact counts of the users in state (recur_users_in_state)
     metrics_port: int = 9464  # prometheus /metrics; 0 = off
     metrics_host: str = "127.0.0.1"  # interface for /metrics; 0.0.0.0 only inside a private network
     web_port: int = 6066  # faust's web server, bound to 127.0.0.1
@@ -154,6 +155,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"config: store must be rocksdb or memory, got {s.store!r}")
     if s.partitions < 1 or s.k < 1 or s.max_batch < 1 or s.recent_n < 1:
         raise ConfigError("config: partitions, k, max_batch and recent_n must be >= 1")
+    if s.users_count_interval <= 0:
+        raise ConfigError("config: users_count_interval must be > 0 seconds")
     if s.snapshot_interval < 0:
         raise ConfigError("config: snapshot_interval must be >= 0 seconds (0 = off)")
     if s.max_wait <= 0 or s.fetch_max_wait <= 0 or s.backlog_wait < 0:

@@ -23,7 +23,7 @@ class Metrics:
         self.batch_size = Histogram("recur_batch_size_events", "Events per processed batch", buckets=_BATCH_BUCKETS, registry=registry)
         self.step_seconds = Histogram("recur_step_seconds", "Seconds per batched model step (gather, step, top-K, scatter)", buckets=_SECONDS_BUCKETS, registry=registry)
         self.e2e_seconds = Histogram("recur_end_to_end_seconds", "Event timestamp to recommendation sent", buckets=_SECONDS_BUCKETS, registry=registry)
-        self.users = Gauge("recur_users_in_state", "Users with state in this worker's partitions (RocksDB: its estimate)", registry=registry)
+        self.users = Gauge("recur_users_in_state", "Users with state in this worker's partitions (an exact count, refreshed every users_count_interval)", registry=registry)
         self.model = Info("recur_model", "The live model version", registry=registry)
         self.model_swaps = Counter("recur_model_swaps_total", "Model versions swapped in without a restart", registry=registry)
         self.rewarmed = Counter("recur_users_rewarmed_total", "Users whose state was rebuilt for a new model", registry=registry)

@@ -13,21 +13,21 @@ table whose serializers would change the bytes, goes through the table as before
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
+from itertools import islice
 
 from faust.types import EventT
+
+from pipeline import faust_internals as internals
+
+COUNT_CHUNK = 10_000  # keys counted between two turns of the event loop (~6 ms)
 
 
 class StateStore:
     def __init__(self, table) -> None:  # noqa: ANN001 - a faust Table with bytes keys and values
         self.table = table
-        store = table.data
-        self.direct = (
-            bool(getattr(store, "use_rocksdict", False))
-            and hasattr(store, "_db_for_partition")
-            and store._encode_key(b"k") == b"k"
-            and store._encode_value(b"v") == b"v"
-        )
+        self.direct = internals.raw_rocksdb(table)
         if self.direct:
             from rocksdict import WriteBatch
 
@@ -42,7 +42,7 @@ class StateStore:
             by_partition.setdefault(partition, []).append(key)
         found: dict[bytes, bytes | None] = {}
         for partition, part_keys in by_partition.items():
-            found.update(zip(part_keys, self.table.data._db_for_partition(partition).get(part_keys)))
+            found.update(zip(part_keys, internals.partition_db(self.table, partition).get(part_keys)))
         return found
 
     def write(self, items: Iterable[tuple[bytes, bytes, EventT]], bind: Callable[[EventT], None]) -> None:
@@ -62,4 +62,20 @@ class StateStore:
                 batch = batches[partition] = self._write_batch(raw_mode=True)
             batch.put(key, value)
         for partition, batch in batches.items():
-            self.table.data._db_for_partition(partition).write(batch)
+            internals.partition_db(self.table, partition).write(batch)
+
+    async def count(self) -> int:
+        """Users with state in the partitions this worker owns, exactly: every key of each
+        partition's database, in chunks between which the event loop runs on (~0.6 s per
+        million users). Not RocksDB's `estimate-num-keys`: that counts every overwrite not yet
+        compacted (1,247 for 233 users). Users written during the count may be left out."""
+        if not self.direct:
+            return len(self.table)
+        skip = internals.offset_key(self.table)
+        total = 0
+        for db in list(internals.active_dbs(self.table)):
+            keys = db.keys()
+            while chunk := list(islice(keys, COUNT_CHUNK)):
+                total += len(chunk) - chunk.count(skip)
+                await asyncio.sleep(0)
+        return total

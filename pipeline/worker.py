@@ -51,7 +51,7 @@ def build(settings: Settings, registry: CollectorRegistry | None = None):
     handler = BatchHandler(streams, recommender, metrics, settings)
     register(streams, handler, settings)
     register_model_watch(streams, handler, settings)
-    register_users_gauge(streams, metrics)
+    register_users_gauge(streams, handler, metrics, settings.users_count_interval)
     snapshots = None
     if settings.snapshot_interval > 0:
         snapshots = SnapshotConsumer(settings, metrics)

@@ -1,32 +1,9 @@
-"""The agent's helpers that need no broker: batching off a queue, counting users."""
+"""The agent's helpers that need no broker: batching off a queue, the backlog test."""
 
 import asyncio
 from types import SimpleNamespace
 
-from pipeline.agents import batches, broker_backlog, count_users
-
-
-class _Db:
-    def __init__(self, keys: int) -> None:
-        self.keys = keys
-
-    def property_int_value(self, name: str) -> int:
-        assert name == "rocksdb.estimate-num-keys"
-        return self.keys + 1  # + the store's own offset record
-
-
-class _Table:
-    def __init__(self, data, size: int) -> None:
-        self.data, self.size = data, size
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def test_users_are_counted_from_rocksdb_estimates_without_walking_keys():
-    store = SimpleNamespace(use_rocksdict=True, _dbs_for_actives=lambda: iter([_Db(120), _Db(0)]))  # faust yields the DBs
-    assert count_users(_Table(store, size=-1)) == 120  # len() is never called: it walks every key
-    assert count_users(_Table(SimpleNamespace(), size=7)) == 7  # memory store: exact count
+from pipeline.agents import batches, broker_backlog
 
 
 class _Flow:

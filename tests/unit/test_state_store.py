@@ -72,3 +72,28 @@ def test_serializers_that_change_bytes_disable_the_direct_path(tmp_path):
     store = _RocksStore(tmp_path)
     store._encode_value = lambda value: b'"' + value + b'"'  # e.g. a json value serializer
     assert not StateStore(SimpleNamespace(data=store, get=lambda key: None)).direct
+
+
+def test_users_are_counted_exactly_however_often_their_state_was_overwritten(tmp_path, monkeypatch):
+    import asyncio
+
+    from faust.types import TP
+
+    from pipeline import faust_internals as internals
+    from pipeline.app import create_app
+    from pipeline.config import load_settings
+
+    streams = create_app(load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_APP_ID": "recur-unit"}))
+    table = streams.state
+    changelog = table.changelog_topic.get_topic_name()
+    monkeypatch.setattr(streams.app.assignor, "assigned_actives", lambda: {TP(changelog, p) for p in range(4)})
+    state = StateStore(table)
+    assert state.direct
+    for rewrite in range(30):  # 233 users, 30 writes each, as the worker writes a batch at a time
+        state.write([(f"user-{u}".encode(), b"s" * (200 + rewrite), _event(u % 4)) for u in range(233)], None)
+    for p in range(4):
+        internals.set_persisted_offset(table, p, 1000)  # faust's own record in each database: not a user
+    internals.partition_db(table, 5)[b"someone-elses"] = b"x"  # a partition this worker does not own
+    estimate = sum(internals.partition_db(table, p).property_int_value("rocksdb.estimate-num-keys") for p in range(4))
+    assert estimate > 1.05 * 233  # the old gauge: RocksDB's estimate counts overwrites
+    assert asyncio.run(state.count()) == 233

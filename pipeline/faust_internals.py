@@ -1,0 +1,136 @@
+"""Every use of faust's (and aiokafka's) private internals, in one place.
+
+recur needs a few things faust has no public API for. Each function below names what it relies
+on; `tests/unit/test_faust_internals.py` checks each assumption against the installed faust, and
+`pyproject.toml` pins faust-streaming (and aiokafka) to the versions these tests ran with, so an
+upgrade fails loudly in CI instead of losing events in production.
+
+Tested with faust-streaming 0.15.3, aiokafka 0.14.0, rocksdict 0.3.29.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Iterator
+
+import faust
+import faust.transport.drivers.aiokafka as faust_aiokafka
+from faust import streams as faust_streams
+from faust.types import TP, EventT
+
+
+# -- the consumer ---------------------------------------------------------------------------
+def limit_fetch_wait(ms: int) -> None:
+    """Make faust's consumer ask the broker to hold a fetch with no new data for `ms`.
+
+    Faust's aiokafka driver hard-codes 1,500 ms and has no setting for it. aiokafka keeps one
+    fetch in flight per broker and leaves out partitions whose records are still being
+    processed, so the broker holds that fetch for the full wait on partitions with nothing new
+    (the table's changelog), and no new events reach the worker meanwhile: under a steady 700
+    events/s the worker stalled 0.7-1.5 s every couple of seconds (p50 latency 1.3 s; 93 ms with
+    a 10 ms wait). Relies on: `AIOKafkaConsumerThread._create_worker_consumer(transport)` making
+    the consumer, and aiokafka reading `AIOKafkaConsumer._fetch_max_wait_ms` when it starts."""
+    create = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(create, "recur_fetch_wait_ms", None) == ms:
+        return
+
+    def create_worker_consumer(self, transport):  # noqa: ANN001, ANN202 - faust's signature
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = ms
+        return consumer
+
+    create_worker_consumer.recur_fetch_wait_ms = ms
+    create_worker_consumer.__wrapped__ = getattr(create, "__wrapped__", create)
+    faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
+
+
+def hold_flow_until_seek(app: faust.App) -> None:
+    """After a rebalance, keep the consumer from delivering events until recovery has sought the
+    input partitions back to their committed offsets.
+
+    Faust 0.15.3's recovery resumes the consumer's flow early (to read changelogs, or at once
+    when nothing needs restoring), then resumes the input partitions, seeks (a round trip to the
+    broker) and resumes the flow again, which clears the agents' queues. Events fetched in that
+    window reached the queue and were cleared, while the fetcher counted them as read and its gap
+    bookkeeping let the commit pass them: a worker that took over a stopped worker's partitions
+    lost a few events per partition (faust-streaming issue 596 is about the same window).
+    Recovery sends `on_rebalance_complete` just before it resumes the partitions and seeks, so
+    stopping the flow there makes the fetcher wait for the seek. Relies on: that signal's place
+    in recovery, `consumer.stop_flow()` and `flow_control.suspend()`."""
+
+    async def hold(sender, **kwargs) -> None:  # noqa: ANN001 - faust's signal signature
+        app.consumer.stop_flow()
+        app.flow_control.suspend()
+
+    app.on_rebalance_complete.connect(hold)  # a strong reference
+
+
+def set_producer_buffer(app: faust.App, messages: int) -> None:
+    """Table writes queue in faust's producer buffer; its default cap (100 messages) makes every
+    batch wait for the changelog a hundred records at a time. Relies on: `producer.buffer.max_messages`."""
+    app.producer.buffer.max_messages = messages
+
+
+# -- events and the agent's queue -----------------------------------------------------------
+def bind_current_event(event: EventT) -> None:
+    """Make `event` the current event of this task only (faust files a table write under the
+    current event's partition). Relies on: the context variable `faust.streams._current_event`.
+
+    Not `stream._set_current_event`: that also sets the stream's attribute, which
+    take_events()' background task reads to pair the next message with its event; overwriting
+    it pairs a new message with an old event (one lost, one repeated)."""
+    faust_streams._current_event.set(weakref.ref(event))
+
+
+def agent_queue(stream: faust.StreamT) -> asyncio.Queue:
+    """The queue faust's consumer fills for an agent's stream. Relies on: `stream.channel.queue`
+    (an asyncio.Queue subclass; faust ends it with StopAsyncIteration when the worker stops)."""
+    return stream.channel.queue
+
+
+def take(app: faust.App, event: EventT) -> bool:
+    """What faust's stream does with each event it takes: an event fetched before the current
+    rebalance (another generation, or taken while the flow is suspended) is left out, because
+    faust seeks back and the partition's owner reads it again (-> False); any other is marked in
+    flight until acked, so that a rebalance waits for it before it commits (-> True). Relies on:
+    `message.generation_id`, `app.consumer_generation_id`, `message.tracked`, `consumer.unacked`."""
+    msg = event.message
+    if msg.generation_id != app.consumer_generation_id or not app.flow_control.is_active():
+        return False
+    if not msg.tracked:
+        msg.tracked = True
+        app.consumer.unacked.add(msg)
+    return True
+
+
+# -- the table's RocksDB store --------------------------------------------------------------
+def raw_rocksdb(table: faust.Table) -> bool:
+    """True when the table's store is faust's RocksDB store on rocksdict and keeps keys and values
+    as the bytes given. Relies on: `store.use_rocksdict`, `_db_for_partition`, `_encode_key`,
+    `_encode_value`."""
+    store = table.data
+    return (bool(getattr(store, "use_rocksdict", False)) and hasattr(store, "_db_for_partition")
+            and store._encode_key(b"k") == b"k" and store._encode_value(b"v") == b"v")
+
+
+def partition_db(table: faust.Table, partition: int):  # noqa: ANN201 - a rocksdict.Rdict
+    """The rocksdict database of one table partition (opened on first use)."""
+    return table.data._db_for_partition(partition)
+
+
+def active_dbs(table: faust.Table) -> Iterator:
+    """The rocksdict databases of the partitions this worker owns (not standbys). Relies on:
+    `store._dbs_for_actives()`."""
+    return table.data._dbs_for_actives()
+
+
+def offset_key(table: faust.Table) -> bytes:
+    """The key under which faust keeps a partition's changelog offset in its database."""
+    return table.data.offset_key
+
+
+def set_persisted_offset(table: faust.Table, partition: int, offset: int) -> None:
+    """Record that the changelog holds everything up to `offset` for `partition` (recovery reads
+    on from there). Relies on: `store.set_persisted_offset(TP, offset)`."""
+    table.data.set_persisted_offset(TP(table.changelog_topic.get_topic_name(), partition), offset)

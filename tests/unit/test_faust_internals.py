@@ -1,0 +1,139 @@
+"""One test per assumption `pipeline/faust_internals.py` makes about faust, aiokafka and rocksdict,
+against the installed versions' real objects (no broker needed). An upgrade that breaks one
+fails here, not in production."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from importlib.metadata import version
+
+import aiokafka
+import faust
+import faust.transport.drivers.aiokafka as faust_aiokafka
+import pytest
+from faust.types import TP
+from faust.types.tuples import Message
+
+from pipeline import faust_internals as internals
+from pipeline.app import create_app
+from pipeline.config import load_settings
+
+
+@pytest.fixture
+def streams(tmp_path):
+    return create_app(load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_APP_ID": "recur-unit"}))
+
+
+def _minor(name: str) -> tuple[int, int]:
+    major, minor = version(name).split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_the_versions_are_the_tested_ones():
+    assert _minor("faust-streaming") == (0, 15) and version("faust-streaming") >= "0.15.3"
+    assert _minor("aiokafka") == (0, 14)
+    assert _minor("rocksdict") == (0, 3)
+
+
+def test_faust_makes_its_consumer_with_a_hard_coded_fetch_wait_that_aiokafka_keeps_in_an_attribute():
+    create = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+    source = inspect.getsource(getattr(create, "__wrapped__", create))
+    assert "fetch_max_wait_ms=1500" in source  # no setting for it: hence the patch
+    assert list(inspect.signature(create).parameters) == ["self", "transport"]
+
+    async def make():
+        consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=1500)
+        consumer._fetch_max_wait_ms = 20  # what the patch does before start()
+        return consumer._fetch_max_wait_ms
+
+    assert asyncio.run(make()) == 20
+    start = inspect.getsource(aiokafka.AIOKafkaConsumer.start)
+    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in start  # read when the fetcher is built
+
+
+def test_the_patched_factory_sets_the_wait_on_the_consumer_faust_makes():
+    internals.limit_fetch_wait(20)
+    create = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+    assert create.recur_fetch_wait_ms == 20 and create.__wrapped__ is not create
+    internals.limit_fetch_wait(20)  # idempotent: not wrapped twice
+    assert faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer is create
+
+
+def test_rebalance_complete_stops_the_flow_until_recovery_resumes_it(streams):
+    """Recovery sends on_rebalance_complete right before it resumes the input partitions and
+    seeks; events fetched before that seek were cleared from the queue and then skipped by the
+    commit, so the flow must be stopped there (recovery resumes it after the seek)."""
+    app = streams.app
+
+    async def rebalance_completes():
+        app.consumer.resume_flow()
+        app.flow_control.resume()  # as faust's recovery leaves them before it seeks
+        assert app.consumer.flow_active and app.flow_control.is_active()
+        await app.on_rebalance_complete.send()
+        return app.consumer.flow_active, app.flow_control.is_active(), app.consumer.suspend_flow.is_set()
+
+    assert asyncio.run(rebalance_completes()) == (False, False, True)
+    from faust.tables.recovery import Recovery
+
+    for path in (Recovery._resume_streams, Recovery.on_recovery_completed):  # both ways out of recovery
+        source = inspect.getsource(path)
+        signal, seek = source.index("on_rebalance_complete.send"), source.index("perform_seek")
+        assert signal < seek < source.index("consumer.resume_flow()")  # held at the signal, resumed after the seek
+
+
+def test_the_producer_buffer_cap_is_an_attribute(streams):
+    assert streams.app.producer.buffer.max_messages >= 1000  # set by create_app through set_producer_buffer
+
+
+def test_a_bound_event_is_faust_current_event():
+    event = faust.Event(app=None, key=b"k", value=b"v", headers={}, message=None)
+    internals.bind_current_event(event)
+    assert faust.current_event() is event
+
+
+def _message(offset: int, generation: int) -> Message:
+    return Message("events", 0, offset, 0.0, 0, {}, b"k", b"v", None, generation_id=generation)
+
+
+def test_take_does_what_faust_streams_do_with_each_event(streams, monkeypatch):
+    source = inspect.getsource(faust.Stream._py_aiter)
+    assert "message.generation_id != self.app.consumer_generation_id" in source  # left out
+    assert "not message.tracked" in source and "add_unacked(message)" in source  # in flight until acked
+    monkeypatch.setattr(Message, "use_tracking", True)  # as the consumer sets it when it starts
+    app = streams.app
+    app.consumer_generation_id = 5
+    app.flow_control.resume()
+    now, old = _message(1, 5), _message(2, 4)
+    assert now.tracked is False and hasattr(app.consumer.unacked, "add")  # a WeakSet
+    assert internals.take(app, faust.Event(app, b"k", b"v", {}, now)) is True
+    assert now.tracked is True and now in app.consumer.unacked
+    assert internals.take(app, faust.Event(app, b"k", b"v", {}, old)) is False and old not in app.consumer.unacked
+    app.flow_control.suspend()
+    assert internals.take(app, faust.Event(app, b"k", b"v", {}, _message(3, 5))) is False
+
+
+def test_an_agents_stream_reads_from_a_queue_on_its_channel(streams):
+    channel = streams.app.channel()
+    queue = internals.agent_queue(faust.Stream(channel, app=streams.app))
+    assert isinstance(queue, asyncio.Queue) and hasattr(queue, "get_nowait")
+
+
+def test_the_rocksdb_store_exposes_raw_partition_databases_and_the_persisted_offset(streams):
+    table = streams.state
+    assert internals.raw_rocksdb(table)  # bytes in, the same bytes stored
+    db = internals.partition_db(table, 2)
+    db[b"user-1"] = b"state"
+    assert table.data._db_for_partition(2)[b"user-1"] == b"state"
+    internals.set_persisted_offset(table, 2, 41)
+    assert db[internals.offset_key(table)] == b"41"  # faust's recovery reads on from here
+    assert table.data.persisted_offset(TP(table.changelog_topic.get_topic_name(), 2)) == 41
+
+
+def test_active_dbs_are_those_of_the_owned_changelog_partitions(streams, monkeypatch):
+    table = streams.state
+    owned, standby = internals.partition_db(table, 0), internals.partition_db(table, 1)
+    changelog = table.changelog_topic.get_topic_name()
+    monkeypatch.setattr(streams.app.assignor, "assigned_actives", lambda: {TP(changelog, 0)})
+    dbs = list(internals.active_dbs(table))
+    assert len(dbs) == 1 and dbs[0] is owned and dbs[0] is not standby
