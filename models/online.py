@@ -8,7 +8,7 @@ event. It never touches Kafka; the worker decodes, calls it, and writes back.
 from __future__ import annotations
 
 import struct
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +19,7 @@ from models.artifacts import Artifact
 from models.data import Vocabulary
 from models.events import Event
 from models.lstm import PURCHASE, RecurrentRecommender, advance, init_state, score_top_k
+from models.trending import Trending
 
 _MAGIC = b"R1"
 _HEADER = struct.Struct("<2sI")  # magic, header length
@@ -96,28 +97,6 @@ class BatchStats:
     by_type: Counter = field(default_factory=Counter)
 
 
-class Trending:
-    """Item counts over the last `window` events: the cold-start recommendation."""
-
-    def __init__(self, window: int = 10_000) -> None:
-        self.window: deque[str] = deque()
-        self.size = window
-        self.counts: Counter[str] = Counter()
-
-    def add(self, item: str) -> None:
-        self.window.append(item)
-        self.counts[item] += 1
-        if len(self.window) > self.size:
-            old = self.window.popleft()
-            self.counts[old] -= 1
-            if not self.counts[old]:
-                del self.counts[old]
-
-    def top(self, k: int, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
-        ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        return [(item, float(n)) for item, n in ranked if item not in exclude][:k]
-
-
 @dataclass
 class OnlineConfig:
     k: int = 20  # items per recommendation
@@ -148,6 +127,7 @@ class OnlineRecommender:
         self.model = artifact.model.to(self.device).eval()
         self.vocab = artifact.vocab
         self.version = artifact.version
+        self.trending.fallback = artifact.vocab.items  # training popularity: cold lists fill up to K
 
     def _fresh(self) -> UserState:
         size = self.model.config.state_size if self.model is not None else 0

@@ -21,6 +21,7 @@ from pipeline.agents import BatchHandler, register, register_model_watch, regist
 from pipeline.app import create_app
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
+from pipeline.snapshot_files import recent_items
 from pipeline.snapshots import SnapshotConsumer
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def build(settings: Settings, registry: CollectorRegistry | None = None):
         ),
         device,
     )
+    _rebuild_trending(recommender, settings)
     metrics = Metrics(registry or CollectorRegistry())
     metrics.model.info({"version": recommender.version})
     streams = create_app(settings)
@@ -61,6 +63,17 @@ def build(settings: Settings, registry: CollectorRegistry | None = None):
             await snapshots.run()
 
     return streams, handler, snapshots
+
+
+def _rebuild_trending(recommender: OnlineRecommender, settings: Settings) -> None:
+    """Seed the cold-start trending window with the newest snapshot events, so that a restart
+    does not start it from nothing."""
+    try:
+        items = recent_items(settings.snapshot_root, settings.trending_window)
+    except Exception as e:  # unreadable snapshots must not keep the worker from starting
+        log.warning("worker: trending not rebuilt from the snapshots (%s); it starts empty", type(e).__name__)
+        return
+    log.info("worker: trending rebuilt from the newest %d snapshot events", recommender.trending.seed(items))
 
 
 class RecurWorker(faust.Worker):

@@ -7,7 +7,16 @@ from aiokafka import TopicPartition
 from models.data import read_sessions, read_snapshot_events
 from models.events import Event
 from pipeline.cli import main
-from pipeline.snapshot_files import SCHEMA, Buffer, compact, list_files, remove_uncommitted, to_table, write_snapshot
+from pipeline.snapshot_files import (
+    SCHEMA,
+    Buffer,
+    compact,
+    list_files,
+    recent_items,
+    remove_uncommitted,
+    to_table,
+    write_snapshot,
+)
 
 HOUR = 3_600_000
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR  # start of an hour
@@ -223,3 +232,12 @@ def test_compact_drops_copies_left_by_older_versions_and_stale_temporary_files(t
     offsets = ds.dataset(str(tmp_path), format="parquet", partitioning="hive").to_table()["offsets"].to_pylist()
     assert sorted(o for row in offsets for o in row) == list(range(9))  # each event once, for any reader
     assert not stale.exists() and fresh.exists()  # a fresh one may be a write in progress
+
+
+def test_recent_items_are_the_newest_events_by_time_oldest_first(tmp_path):
+    write_snapshot(str(tmp_path), _buffer([_applied(0, off, "a", f"old{off}", T0 + off) for off in range(5)]))
+    write_snapshot(str(tmp_path), _buffer([_applied(1, off, "b", f"new{off}", T0 + 3 * HOUR + off) for off in range(3)]))
+    write_snapshot(str(tmp_path), _buffer([_applied(1, 1, "b", "new1", T0 + 3 * HOUR + 1)]))  # an old version's copy
+    assert recent_items(str(tmp_path), 4) == ["old4", "new0", "new1", "new2"]
+    assert recent_items(str(tmp_path), 100) == [f"old{n}" for n in range(5)] + ["new0", "new1", "new2"]
+    assert recent_items(str(tmp_path / "none"), 10) == []
