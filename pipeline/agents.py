@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from faust.types import EventT
 
 from models.artifacts import Artifact
-from models.errors import BadRecord, RecurError
+from models.errors import BadRecord
 from models.online import InputEvent, OnlineRecommender, UserState
 from pipeline import faust_internals as internals
 from pipeline.app import Streams
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
+from pipeline.model_watch import ItemCoverage
 from pipeline.records import decode_event, dlq_headers, encode_recommendation
 from pipeline.state_store import StateStore
 
@@ -32,6 +33,7 @@ class BatchHandler:
         self.settings = settings
         self.pending: Artifact | None = None  # a checked model waiting to be swapped in
         self._store: StateStore | None = None  # made on first use: the table's store exists once the app runs
+        self.coverage = ItemCoverage(metrics.known_items)
 
     @property
     def store(self) -> StateStore:
@@ -46,6 +48,7 @@ class BatchHandler:
         old, new = self.recommender.version, self.pending.version
         self.recommender.use(self.pending)
         self.pending = None
+        self.coverage.reset()
         self.metrics.model.info({"version": new})
         self.metrics.model_swaps.inc()
         log.info("model: swapped %s -> %s; users re-warm on their next event", old, new)
@@ -116,6 +119,8 @@ class BatchHandler:
         m.hits.inc(stats.hits)
         m.hit_opportunities.inc(stats.hit_opportunities)
         m.rewarmed.inc(stats.rewarmed)
+        if self.recommender.model is not None:
+            self.coverage.add(self.recommender.version, stats)
         self._lag(last_offsets)
 
     async def write_states(self, changed: dict[str, UserState], source: dict[str, EventT],
@@ -258,29 +263,6 @@ def register(streams: Streams, handler: BatchHandler, settings: Settings) -> Non
                 os._exit(70)
             for event in batch:
                 event.ack()  # the offset may be committed now (faust commits acked offsets in order)
-
-
-def register_model_watch(streams: Streams, handler: BatchHandler, settings: Settings) -> None:
-    """Poll the registry's CURRENT; load and check a new version in a thread, off the hot path.
-    The agent swaps it in before its next batch."""
-    from models.artifacts import current_version, load_artifact
-
-    @streams.app.timer(settings.model_poll_interval)
-    async def watch_models() -> None:
-        version = current_version(settings.models_path)
-        waiting = handler.pending.version if handler.pending else None
-        if version is None or version in (handler.recommender.version, waiting):
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            artifact = await loop.run_in_executor(
-                None, load_artifact, settings.models_path / version, handler.recommender.device
-            )
-        except RecurError as e:
-            handler.metrics.model_load_failures.inc()
-            log.error("model: version %s was not loaded: %s", version, e)
-            return
-        handler.pending = artifact
 
 
 def register_users_gauge(streams: Streams, handler: BatchHandler, metrics: Metrics, interval: float) -> None:

@@ -1,9 +1,11 @@
 """`recur demo`: the whole path on one machine, start to finish.
 
-Starts the local broker (unless RECUR_BOOTSTRAP is set), creates topics, trains a
-small model on synthetic events if the registry has none, starts the worker as a
-subprocess, streams synthetic events, prints a sample of the recommendations as
-they arrive, then stops the worker and the broker cleanly.
+Starts the local broker (unless RECUR_BOOTSTRAP is set), creates the demo's own topics
+(`demo-events`, `demo-recommendations`, `demo-events-dlq`), trains a small model on synthetic
+events into the demo's own registry (`<var>/demo/models`) if it has none, starts the worker as a
+subprocess (app id `recur-demo`, tables under `<var>/demo`), streams synthetic events, prints a
+sample of the recommendations as they arrive, then stops the worker and the broker cleanly.
+The user's own topics, registry and worker state are never touched.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,22 +29,42 @@ def _say(line: str) -> None:
     print(f"[demo] {line}", flush=True)
 
 
-def run_demo(settings: Settings, n_events: int) -> int:
+def demo_settings(settings: Settings) -> Settings:
+    """The demo's own namespace on the same broker: topics, consumer groups, registry, tables,
+    snapshots and ports apart from the user's, so a demo never reads or changes them."""
+    home = settings.var_path / "demo"
+    return dataclasses.replace(
+        settings, app_id="recur-demo", events_topic="demo-events", recommendations_topic="demo-recommendations",
+        dlq_topic="demo-events-dlq", models_dir=str(home / "models"), snapshot_dir=str(home / "snapshots"),
+        web_port=_free_port(), metrics_port=_free_port())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(user_settings: Settings, n_events: int) -> int:
     broker = None
     worker = None
+    settings = demo_settings(user_settings)
     try:
-        broker, line = start_if_needed(settings)
+        broker, line = start_if_needed(user_settings)  # the local broker lives under the user's var dir
         _say(line)
         created = create_topics(settings)
-        _say(f"topics ready ({', '.join(created) or 'already there'})")
+        _say(f"topics ready ({', '.join(created) or 'already there'}; the demo's own, not yours)")
         if current_version(settings.models_path) is None:
-            _say("no model in the registry: training a small one on 20000 synthetic events")
+            _say(f"training the demo's model on 20000 synthetic events into {settings.models_path}")
             subprocess.run([sys.executable, "-m", "pipeline.cli", "--log-level", "warning", "train",
                             "--synthetic", "20000", "--epochs", "4", "--no-refit", "--publish",
                             "--out", str(settings.models_path)], check=True)
-        _say(f"model {current_version(settings.models_path)}")
-        log_path = settings.var_path / "demo-worker.log"
-        env = {**os.environ, **dataclasses.replace(settings, bootstrap=settings.bootstrap_servers).to_env()}
+        _say(f"model {current_version(settings.models_path)} (the demo's registry {settings.models_path})")
+        log_path = settings.var_path / "demo" / "worker.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        worker_settings = dataclasses.replace(settings, bootstrap=settings.bootstrap_servers,
+                                              var_dir=str(settings.var_path / "demo"))
+        env = {**os.environ, **worker_settings.to_env()}
         with open(log_path, "wb") as log_file:
             worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env,
                                       stdout=log_file, stderr=subprocess.STDOUT)
@@ -63,6 +86,9 @@ def run_demo(settings: Settings, n_events: int) -> int:
                 _say(f"{rec['user_id']} event {rec['event_id']} -> {top}, ... "
                      f"[{len(rec['items'])} items, {rec['strategy']}]")
         _say(f"received {got} recommendations for {n} events; by strategy {strategies}")
+        if not strategies.get("lstm"):
+            _say(f"no list came from the LSTM: see {log_path}")
+            return 1
         return 0 if got == n else 1
     finally:
         if worker is not None and worker.poll() is None:

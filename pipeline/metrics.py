@@ -27,6 +27,7 @@ class Metrics:
         self.model = Info("recur_model", "The live model version", registry=registry)
         self.model_swaps = Counter("recur_model_swaps_total", "Model versions swapped in without a restart", registry=registry)
         self.rewarmed = Counter("recur_users_rewarmed_total", "Users whose state was rebuilt for a new model", registry=registry)
+        self.known_items = Gauge("recur_model_known_items_ratio", "Share of recent events (since the live model went live) whose item it knows", registry=registry)
         self.model_load_failures = Counter("recur_model_load_failures_total", "New model versions that failed their checks", registry=registry)
         self.lag = Gauge("recur_consumer_lag_events", "Events in the partition not yet processed, by partition", ["partition"], registry=registry)
         self.snapshot_rows = Counter("recur_snapshot_rows_total", "Parquet rows written to snapshots", registry=registry)

@@ -21,6 +21,7 @@ import pytest
 
 from models.artifacts import save_artifact
 from models.data import sessionize
+from models.events import Event
 from models.synthetic import SyntheticConfig, generate
 from models.train import TrainConfig, train
 from pipeline.clients import consume, create_topics
@@ -59,6 +60,17 @@ def model_registry(tmp_path_factory) -> Path:
     sessions = sorted(sessionize(generate(SyntheticConfig(n_events=15000, seed=3))), key=lambda s: s.times[0])
     result = train(sessions, dict(embedding_dim=32, hidden_dim=48), TrainConfig(epochs=3, refit=False, seed=1))
     save_artifact(registry, result.model, result.vocab, {"source": "tests"}, publish=True)
+    return registry
+
+
+@pytest.fixture(scope="session")
+def foreign_registry(tmp_path_factory) -> Path:
+    """A registry whose model was trained on another shop: none of the synthetic items."""
+    registry = tmp_path_factory.mktemp("foreign-models")
+    events = [Event(e.user_id, e.item_id.replace("item-", "shop-"), e.event_type, e.timestamp_ms)
+              for e in generate(SyntheticConfig(n_events=3000, seed=4))]
+    result = train(sessionize(events), dict(embedding_dim=8, hidden_dim=8), TrainConfig(epochs=1, refit=False, seed=1))
+    save_artifact(registry, result.model, result.vocab, {"source": "another shop"}, publish=True)
     return registry
 
 

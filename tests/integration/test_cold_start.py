@@ -44,3 +44,17 @@ def test_after_a_restart_a_cold_worker_sends_the_trending_items_of_before(stack,
     assert {r["strategy"] for r in lists.values()} == {"trending"}
     assert all([i["item_id"] for i in r["items"]] == expected for r in lists.values())
     assert "trending rebuilt from the newest 1000 snapshot events" in worker.log_path.read_text()
+
+
+def test_a_model_that_knows_none_of_the_items_says_so_in_the_log_and_a_metric(stack, foreign_registry):
+    from .test_resilience import _scrape
+
+    events = shift_to_now(generate(SyntheticConfig(n_events=1200, n_users=60, seed=62)))
+    produce_events(stack.settings, events)
+    worker = stack.start_worker(RECUR_MODELS_DIR=str(foreign_registry))
+    stack.recommendations(expected=1200, timeout=60)
+    metrics = _scrape(worker)
+    assert stack.stop_worker(worker) == 0
+    assert "recur_model_known_items_ratio 0.0" in metrics
+    log = worker.log_path.read_text()
+    assert log.count("knows none of the items of the last 1") == 1  # once per version, not per batch
