@@ -28,14 +28,34 @@ class BrokerError(RecurError):
     """The local Kafka broker cannot be set up, started or reached."""
 
 
+# every reason a record can be dead-lettered for (the `recur.error.reason` header and the
+# `reason` label of recur_dead_letters_total); the README's list is tested against this one
+DEAD_LETTER_REASONS = {
+    "empty_value": "the record has no value, or an empty one",
+    "too_large": "the value is larger than RECUR_MAX_RECORD_BYTES",
+    "invalid_json": "the value is not valid UTF-8 JSON",
+    "not_an_object": "the JSON value is not an object",
+    "missing_field": "user_id, item_id, event_type or timestamp is missing",
+    "wrong_type": "an id or event_type is not a string (ids may be integers)",
+    "bad_value": "an id is empty or longer than 256 characters",
+    "unknown_event_type": "event_type is neither click nor purchase",
+    "bad_timestamp": "timestamp is neither epoch milliseconds nor ISO-8601",
+    "absurd_timestamp": "timestamp is before 2000 or more than a day ahead of the worker's clock",
+    "missing_key": "the record has no key",
+    "key_mismatch": "the key is not the event's user_id",
+}
+
+
 class BadRecord(RecurError):
     """One input record cannot be processed; it belongs in the dead-letter topic.
 
-    `reason` is a short machine-friendly code (used as a metric label), `detail`
-    a short human explanation without payload or user id.
+    `reason` is one of DEAD_LETTER_REASONS (used as a metric label), `detail` a short human
+    explanation without payload or user id.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
+        if reason not in DEAD_LETTER_REASONS:
+            raise ValueError(f"unknown dead-letter reason {reason!r}")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -27,9 +27,10 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from models.errors import RecurError
-from pipeline.config import Settings, load_settings
+from pipeline.config import ENV_PREFIX, Settings, load_settings
 
 log = logging.getLogger("recur")
 
@@ -213,13 +214,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------
+_DEFAULTS = Settings()
+COMPUTED_DEFAULTS = {"bootstrap": "the local broker", "models_dir": "<var_dir>/models"}  # settings whose "" means these
+
+
+def setting_flag(p: argparse.ArgumentParser, flag: str, text: str, **kwargs: Any) -> None:
+    """A flag that overrides a setting (`--max-wait` -> `max_wait`); its help shows the setting's
+    default, taken from `Settings`, so that the two cannot drift apart."""
+    name = flag[2:].replace("-", "_")
+    default = COMPUTED_DEFAULTS.get(name) or getattr(_DEFAULTS, name)
+    p.add_argument(flag, help=f"{text} (default {default}; env {ENV_PREFIX}{name.upper()})", **kwargs)
+
+
 def _broker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap", help="existing broker host:port (default: the local broker; env RECUR_BOOTSTRAP)")
+    setting_flag(p, "--bootstrap", "existing broker host:port")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recur", description="Streaming LSTM recommender on Kafka.")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    setting_flag(parser, "--log-level", "log level", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the effective settings")
@@ -231,20 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("topics", help="create the topics")
     p.add_argument("action", choices=["create"])
-    p.add_argument("--partitions", type=int, help="partitions per topic (default 4)")
+    setting_flag(p, "--partitions", "partitions per topic", type=int)
     _broker_flags(p)
     p.set_defaults(func=cmd_topics)
 
     p = sub.add_parser("worker", help="run the streaming worker")
     _broker_flags(p)
-    p.add_argument("--store", choices=["rocksdb", "memory"], help="table store (default rocksdb)")
-    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--max-batch", type=int, help="events per batch at most (default 1024)")
-    p.add_argument("--max-wait", type=float, help="seconds to fill a batch (default 0.05)")
-    p.add_argument("--metrics-port", type=int, help="prometheus port on 127.0.0.1, 0 = off (default 9464)")
-    p.add_argument("--web-port", type=int, help="faust web port on 127.0.0.1 (default 6066)")
-    p.add_argument("--models-dir", help="model registry (default var/models)")
-    p.add_argument("--k", type=int, help="items per recommendation (default 20)")
+    setting_flag(p, "--store", "table store", choices=["rocksdb", "memory"])
+    setting_flag(p, "--device", "auto, cpu or cuda")
+    setting_flag(p, "--max-batch", "events per batch at most", type=int)
+    setting_flag(p, "--max-wait", "seconds to wait for more events once one is there", type=float)
+    setting_flag(p, "--metrics-port", "prometheus port, 0 = off", type=int)
+    setting_flag(p, "--web-port", "faust web port on 127.0.0.1", type=int)
+    setting_flag(p, "--models-dir", "model registry")
+    setting_flag(p, "--k", "items per recommendation", type=int)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("produce", help="publish events")
@@ -282,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model", help="the model registry")
     p.add_argument("action", choices=["ls", "publish"])
     p.add_argument("version", nargs="?", help="version to publish")
-    p.add_argument("--models-dir", help="model registry (default var/models)")
+    setting_flag(p, "--models-dir", "model registry")
     p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("snapshots", help="the Parquet snapshots the worker writes")
@@ -293,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: the model step alone, or end to end through the broker")
     p.add_argument("what", choices=["step", "e2e"])
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    setting_flag(p, "--device", "auto, cpu or cuda")
     p.add_argument("--items", type=int, default=20000, help="catalog size (default 20000)")
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--hidden-dim", type=int, default=128)
@@ -305,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=200000, help="e2e: pre-loaded events (default 200000)")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="e2e: seconds of paced load")
     p.add_argument("--plot", default="bench-e2e.png", help="e2e: PNG of throughput and latency")
-    p.add_argument("--max-batch", type=int, help="e2e: worker batch cap")
+    setting_flag(p, "--max-batch", "e2e: worker batch cap", type=int)
     _broker_flags(p)
     p.set_defaults(func=cmd_bench)
 

@@ -11,7 +11,7 @@ from models.online import Recommendation
 
 def decode_event(key: bytes | None, value: bytes | None, max_bytes: int, now_ms: int) -> Event:
     """Validate one input record; raises BadRecord(reason, detail) for the dead-letter topic."""
-    if value is None:
+    if not value:  # a null value (a tombstone) or zero bytes
         raise BadRecord("empty_value", "record has no value")
     if len(value) > max_bytes:
         raise BadRecord("too_large", f"value is {len(value)} bytes, limit {max_bytes}")

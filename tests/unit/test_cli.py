@@ -39,3 +39,25 @@ def test_evaluate_baseline_json(tmp_path, capsys):
                  "--format", "session-tsv", "--k", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {"recall@1": 1.0, "mrr@1": 1.0, "ndcg@1": 1.0, "n": 1}
+
+
+def test_every_flag_that_sets_a_setting_shows_its_default_from_settings():
+    import argparse
+    import dataclasses
+
+    from pipeline.cli import COMPUTED_DEFAULTS, build_parser
+    from pipeline.config import Settings
+
+    defaults = dataclasses.asdict(Settings())
+    parser = build_parser()
+    parsers = [parser] + [p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                          for p in a.choices.values()]
+    checked = 0
+    for p in parsers:
+        for action in p._actions:
+            if action.dest not in defaults or action.default is not None or action.help == argparse.SUPPRESS:
+                continue  # flags with their own default (e.g. evaluate --k) are not settings
+            shown = COMPUTED_DEFAULTS.get(action.dest, defaults[action.dest])
+            assert f"(default {shown}; env RECUR_{action.dest.upper()})" in action.help, (p.prog, action.dest)
+            checked += 1
+    assert checked >= 14  # worker --max-wait once said 0.05 while the code used 0.03

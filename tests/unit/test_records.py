@@ -37,6 +37,9 @@ def test_valid_event_with_iso_timestamp():
         (b"u2", _value(), "key_mismatch"),
         (None, _value(), "missing_key"),
         (b"u1", None, "empty_value"),
+        (b"u1", b"", "empty_value"),  # was reported as invalid_json
+        (b"u1", _value(user_id=""), "bad_value"),
+        (b"u1", _value(user_id="u" * 300), "bad_value"),
     ],
 )
 def test_bad_records_name_their_reason_without_payload(key, value, reason):
@@ -44,6 +47,20 @@ def test_bad_records_name_their_reason_without_payload(key, value, reason):
         decode_event(key, value, 4096, NOW)
     assert info.value.reason == reason
     assert "u1" not in str(info.value) and "i1" not in str(info.value)
+
+
+def test_every_dead_letter_reason_is_reachable_and_listed_in_the_readme():
+    import re
+    from pathlib import Path
+
+    from models.errors import DEAD_LETTER_REASONS
+
+    reached = {case[2] for case in test_bad_records_name_their_reason_without_payload.pytestmark[0].args[1]}
+    assert reached == set(DEAD_LETTER_REASONS)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("<!-- dead-letter reasons -->")[1]
+    listed = re.findall(r"^\| `([a-z_]+)` \| (.+) \|$", section.split("\n\n")[1], flags=re.M)
+    assert dict(listed) == DEAD_LETTER_REASONS  # the README's table is the code's, reason by reason
 
 
 def test_wire_round_trip_and_recommendation_schema():
