@@ -47,6 +47,7 @@ class Settings:
     exclude_purchased: bool = True  # never recommend items the user bought
     exclude_current: bool = False  # never recommend the item just viewed
     trending_window: int = 10000  # events counted for cold-start trending items
+    commit_interval: float = 2.8  # seconds between commits of processed input offsets (faust's default)
     max_batch: int = 1024  # events per batched step at most
     max_wait: float = 0.03  # seconds to wait for more events once one is there (a backlog is taken at once)
     backlog_wait: float = 0.06  # in a backlog (>= max_batch records waiting): seconds a batch may wait to fill
@@ -155,6 +156,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"config: store must be rocksdb or memory, got {s.store!r}")
     if s.partitions < 1 or s.k < 1 or s.max_batch < 1 or s.recent_n < 1:
         raise ConfigError("config: partitions, k, max_batch and recent_n must be >= 1")
+    if s.commit_interval <= 0:
+        raise ConfigError("config: commit_interval must be > 0 seconds")
     if s.users_count_interval <= 0:
         raise ConfigError("config: users_count_interval must be > 0 seconds")
     if s.snapshot_interval < 0:

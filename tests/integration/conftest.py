@@ -153,6 +153,47 @@ def stack(bootstrap, model_registry, tmp_path) -> Stack:
             proc.wait(10)
 
 
+def scrape(worker) -> str:
+    """The worker's /metrics text."""
+    from urllib.request import urlopen
+
+    with urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def metric(text: str, name: str, labels: str | None = None) -> float:
+    """The sum of a metric's samples (those with `labels`, e.g. 'version="v1"', when given)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if labels is None or labels in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for_metric(worker, name: str, done, labels: str | None = None, timeout: float = 60.0) -> float:
+    """Scrape until `done(value)`; -> the value (the last one seen at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = metric(scrape(worker), name, labels)
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def send_raw(settings: Settings, records) -> list[tuple[int, int]]:
+    """Publish raw (key, value) records; -> (partition, offset) of each, as the broker stored it."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+    try:
+        futures = [producer.send(settings.events_topic, key=k, value=v) for k, v in records]
+        producer.flush()
+        return [(f.get(30).partition, f.get(30).offset) for f in futures]
+    finally:
+        producer.close()
+
+
 class Watcher:
     """Follows a topic from its start, for tests that act mid-stream."""
 
@@ -227,4 +268,33 @@ def offline_states(artifact, events) -> dict:
         if idx >= 0:
             vec, _ = step(artifact.model, vec, torch.tensor([idx]), torch.tensor([e.event_type]))
         out[e.user_id] = vec[0].to(torch.float16).numpy().astype(np.float16)
+    return out
+
+
+def expected_lists(artifact, events, k: int = 20, rewarm_at: dict | None = None) -> dict[str, list[str]]:
+    """Replay each user's events through the same step, as the worker does with purchases allowed
+    in lists (RECUR_EXCLUDE_PURCHASED=false): float16 state between events; with `rewarm_at`
+    {user: index of the user's first event under this model}, the state before it is rebuilt as a
+    swap does (the earlier events in one float32 pass, then float16). Events on items the model
+    does not know are left out. -> event id -> expected top-k item ids."""
+    import torch
+
+    from models.lstm import init_state, step
+
+    per_user: dict[str, list] = {}
+    for e in events:
+        per_user.setdefault(e.user_id, []).append(e)
+    out = {}
+    for user, evs in per_user.items():
+        first = (rewarm_at or {}).get(user, 0)
+        state = init_state(artifact.model.config, 1)
+        for n, e in enumerate(evs):
+            idx = artifact.vocab.get(e.item_id)
+            if idx < 0:
+                continue
+            state, scores = step(artifact.model, state, torch.tensor([idx]), torch.tensor([e.event_type]))
+            if n + 1 >= first:
+                state = state.half().float()  # stored as float16 between batches
+            if n >= first:
+                out[e.event_id] = [artifact.vocab.items[j] for j in torch.topk(scores[0], k).indices.tolist()]
     return out

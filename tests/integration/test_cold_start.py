@@ -11,7 +11,7 @@ from models.synthetic import SyntheticConfig, generate
 from pipeline.clients import produce_events, shift_to_now
 from pipeline.snapshot_files import list_files
 
-from .conftest import Watcher
+from .conftest import Watcher, scrape
 
 
 def test_after_a_restart_a_cold_worker_sends_the_trending_items_of_before(stack, tmp_path):
@@ -47,13 +47,11 @@ def test_after_a_restart_a_cold_worker_sends_the_trending_items_of_before(stack,
 
 
 def test_a_model_that_knows_none_of_the_items_says_so_in_the_log_and_a_metric(stack, foreign_registry):
-    from .test_resilience import _scrape
-
     events = shift_to_now(generate(SyntheticConfig(n_events=1200, n_users=60, seed=62)))
     produce_events(stack.settings, events)
     worker = stack.start_worker(RECUR_MODELS_DIR=str(foreign_registry))
     stack.recommendations(expected=1200, timeout=60)
-    metrics = _scrape(worker)
+    metrics = scrape(worker)
     assert stack.stop_worker(worker) == 0
     assert "recur_model_known_items_ratio 0.0" in metrics
     log = worker.log_path.read_text()

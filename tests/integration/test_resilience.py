@@ -1,5 +1,5 @@
-"""Issue 4's scenarios: crashes, clean stops, poison, rebalance, broker restart, model reload.
-Real broker, worker(s) as subprocesses."""
+"""Crashes, clean stops, poison, rebalances, a restore onto an empty disk, a broker restart and
+model swaps. Real broker, worker(s) as subprocesses; each test asserts what its name claims."""
 
 from __future__ import annotations
 
@@ -7,21 +7,31 @@ import json
 import random
 import shutil
 import signal
+import threading
 import time
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from models.artifacts import load_artifact, save_artifact
+from models.artifacts import load_artifact, publish_version, save_artifact
 from models.data import sessionize
 from models.online import UserState
 from models.synthetic import SyntheticConfig, generate
 from models.train import TrainConfig, train
-from pipeline.clients import produce_events, produce_raw, shift_to_now
+from pipeline.clients import produce_events, shift_to_now
 from pipeline.records import encode_event
 
-from .conftest import Watcher, latest_states, offline_states
+from .conftest import (
+    Watcher,
+    expected_lists,
+    latest_states,
+    metric,
+    offline_states,
+    scrape,
+    send_raw,
+    wait_for_metric,
+)
 
 
 def _events(n, users, seed):
@@ -41,85 +51,125 @@ def _assert_states_match_replay(stack, registry, events):
     assert all(len(stored[u].recent_items) == min(50, per_user[u]) for u in expected)
 
 
-def test_sigkill_twice_state_equals_exactly_once_replay(stack, model_registry):
+def _drain(watcher) -> set[str]:
+    """Poll until nothing new arrives; -> the event ids recommended so far."""
+    while True:
+        before = len(watcher.records)
+        if watcher.poll() == before:
+            return set(watcher.event_ids)
+
+
+def test_sigkill_mid_stream_redelivers_and_state_equals_exactly_once_replay(stack, model_registry):
     events = _events(20000, 500, seed=31)
     produce_events(stack.settings, events)
     recs = Watcher(stack.settings, stack.settings.recommendations_topic)
+    done_at_kill = []
     for kill_at in (4000, 11000):
-        worker = stack.start_worker()
+        worker = stack.start_worker(RECUR_COMMIT_INTERVAL="300")  # nothing is committed before the kill
         recs.wait_for(kill_at, timeout=120)
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
+        done_at_kill.append(len(_drain(recs)))
     worker = stack.start_worker()
     got_ids = set(recs.wait_for_events({e.event_id for e in events}, timeout=180))
     assert stack.stop_worker(worker) == 0
     recs.close()
+    assert all(0 < n < len(events) for n in done_at_kill)  # each kill hit the stream mid-work
     assert got_ids == {e.event_id for e in events}  # every event has at least one recommendation
     strategies = Counter(r["strategy"] for r in recs.values())
-    print(f"crash test: {len(events)} events in, {len(recs.records)} recommendations out, by strategy {dict(strategies)}")
+    print(f"crash test: {len(events)} events in, events answered at each kill {done_at_kill}, "
+          f"{len(recs.records)} recommendations out, by strategy {dict(strategies)}")
+    # uncommitted events were delivered again, met a state that had applied them, and were not re-applied
+    assert strategies["repeat"] > 0
     _assert_states_match_replay(stack, model_registry, events)
 
 
 def test_sigterm_mid_stream_no_duplicates(stack, model_registry):
-    events = _events(4000, 200, seed=32)
-    produce_events(stack.settings, events)
+    events = _events(8000, 200, seed=32)
     recs = Watcher(stack.settings, stack.settings.recommendations_topic)
     worker = stack.start_worker()
+    producing = threading.Thread(target=_produce_paced, args=(stack.settings, events, 1000))
+    producing.start()  # events still arrive for ~8 s
     recs.wait_for(1500, timeout=60)
     assert stack.stop_worker(worker) == 0
+    answered = len(_drain(recs))
+    producing.join()
+    assert 1500 <= answered < len(events)  # the stop came mid-stream
     worker = stack.start_worker()
-    recs.wait_for(4000, timeout=90, quiet=3)
+    recs.wait_for(len(events), timeout=90)
     assert stack.stop_worker(worker) == 0
+    _drain(recs)
     values = recs.values()
     recs.close()
     counts = Counter(r["event_id"] for r in values)
-    assert len(values) == 4000 and set(counts) == {e.event_id for e in events}
+    assert len(values) == len(events) and set(counts) == {e.event_id for e in events}
     assert max(counts.values()) == 1  # no recommendation duplicated
     assert not [r for r in values if r["strategy"] == "repeat"]  # no event met twice
     _assert_states_match_replay(stack, model_registry, events)
 
 
-def test_poison_records_are_dead_lettered_and_counted(stack):
+def _user(value: str) -> bytes:
+    return json.dumps({"user_id": value, "item_id": "x", "event_type": "click", "timestamp": 1700000000000}).encode()
+
+
+BAD_RECORDS = [  # (key, value, the reason it must be dead-lettered for)
+    (b"u", b"{oops", "invalid_json"),
+    (b"u", b"", "empty_value"),
+    (b"u", None, "empty_value"),
+    (b"u", b"[1, 2]", "not_an_object"),
+    (b"u", b'{"user_id": "u", "item_id": 5.5, "event_type": "click", "timestamp": 1700000000000}', "wrong_type"),
+    (b"u", _user(""), "bad_value"),
+    (b"u", b'{"user_id": "u", "item_id": "x", "timestamp": 1700000000000}', "missing_field"),
+    (b"u", b'{"user_id": "u", "item_id": "x", "event_type": "hover", "timestamp": 1700000000000}', "unknown_event_type"),
+    (b"u", b'{"user_id": "u", "item_id": "x", "event_type": "click", "timestamp": "soon"}', "bad_timestamp"),
+    (b"u", b'{"user_id": "u", "item_id": "x", "event_type": "click", "timestamp": 5}', "absurd_timestamp"),
+    (None, _user("u"), "missing_key"),
+    (b"v", _user("u"), "key_mismatch"),
+    (b"u", b'{"user_id": "u", "item_id": "' + b"x" * 20000 + b'", "event_type": "click", "timestamp": 1}', "too_large"),
+]
+
+
+def test_poison_records_are_dead_lettered_with_their_reason_and_counted(stack):
+    from models.errors import DEAD_LETTER_REASONS
+
+    assert {reason for _, _, reason in BAD_RECORDS} == set(DEAD_LETTER_REASONS)  # every reason, once at least
     rng = random.Random(4)
     valid = _events(2000, 100, seed=33)
-    bad_kinds = [
-        (b"u", b"{oops"),
-        (b"u", b'{"user_id": "u", "item_id": 5.5, "event_type": "click", "timestamp": 1700000000000}'),
-        (b"u", b'{"user_id": "u", "item_id": "x", "timestamp": 1700000000000}'),
-        (b"u", b'{"user_id": "u", "item_id": "x", "event_type": "hover", "timestamp": 1700000000000}'),
-        (b"u", b'{"user_id": "u", "item_id": "x", "event_type": "click", "timestamp": "soon"}'),
-        (b"u", b'{"user_id": "u", "item_id": "x", "event_type": "click", "timestamp": 5}'),
-        (b"v", b'{"user_id": "u", "item_id": "x", "event_type": "click", "timestamp": 1700000000000}'),
-        (b"u", b'{"user_id": "u", "item_id": "' + b"x" * 20000 + b'", "event_type": "click", "timestamp": 1}'),
-    ]
-    stream: list[tuple[bytes | None, bytes]] = []
-    injected = 0
+    stream, reasons = [], []  # reasons: the expected reason of each record in `stream`, None for valid ones
     for n, e in enumerate(valid):
         stream.append(encode_event(e))
-        if rng.random() < 0.01:
-            stream.append(rng.choice(bad_kinds))
-            injected += 1
+        reasons.append(None)
+        bad = [rng.choice(BAD_RECORDS)] if rng.random() < 0.01 else []
         if n == 1000:
-            stream.extend(bad_kinds[n % len(bad_kinds)] for n in range(500))  # a burst of 500
-            injected += 500
-    produce_raw(stack.settings, stream)
+            bad += [BAD_RECORDS[i % len(BAD_RECORDS)] for i in range(500)]  # a burst of 500
+        stream += [(k, v) for k, v, _ in bad]
+        reasons += [r for _, _, r in bad]
+    where = send_raw(stack.settings, stream)
+    expected = {pos: (stream[i], reasons[i]) for i, pos in enumerate(where) if reasons[i] is not None}
     worker = stack.start_worker()
     recs = stack.recommendations(expected=2000, timeout=90)
-    dead = stack.dead_letters(expected=injected, timeout=30)
+    dead = stack.dead_letters(expected=len(expected), timeout=30)
     assert worker.poll() is None  # never exited
-    metrics = _scrape(worker)
+    metrics = scrape(worker)
     assert stack.stop_worker(worker) == 0
     assert len(recs) == 2000 and {r["event_id"] for _, r in recs} == {e.event_id for e in valid}
-    assert len(dead) == injected
-    reasons = Counter(h["recur.error.reason"] for _, _, h in dead)
-    assert set(reasons) <= {"invalid_json", "wrong_type", "missing_field", "unknown_event_type", "bad_timestamp",
-                            "absurd_timestamp", "key_mismatch", "too_large"}
-    assert all(h["recur.error.detail"] and h["recur.original.offset"].isdigit() for _, _, h in dead)
-    counted = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                  if line.startswith("recur_dead_letters_total{"))
-    assert counted == injected
+    assert len(dead) == len(expected)
+    seen = set()
+    for key, value, h in dead:  # each bad record exactly once, with its own reason and origin
+        pos = (int(h["recur.original.partition"]), int(h["recur.original.offset"]))
+        (orig_key, orig_value), reason = expected[pos]
+        assert (key, value) == (orig_key, orig_value)  # the original bytes (b"" stays b"", a null stays null)
+        assert (h["recur.error.reason"], h["recur.error.class"]) == (reason, "BadRecord")
+        assert h["recur.original.topic"] == stack.settings.events_topic and h["recur.error.detail"]
+        seen.add(pos)
+    assert seen == set(expected)
+    by_reason = Counter(reason for _, reason in expected.values())
+    for reason, n in by_reason.items():
+        assert metric(metrics, "recur_dead_letters_total", f'reason="{reason}"') == n
+    assert metric(metrics, "recur_dead_letters_total") == len(expected)
     _assert_dashboard_metrics_are_exported(metrics)
-    print(f"poison test: {len(valid)} valid + {injected} bad in; {len(recs)} recommendations, {len(dead)} dead letters {dict(reasons)}")
+    print(f"poison test: {len(valid)} valid + {len(expected)} bad in; {len(recs)} recommendations, "
+          f"{len(dead)} dead letters {dict(by_reason)}")
 
 
 def _assert_dashboard_metrics_are_exported(metrics_text: str) -> None:
@@ -136,27 +186,64 @@ def _assert_dashboard_metrics_are_exported(metrics_text: str) -> None:
     assert sorted(queried - exported) == []
 
 
-def _scrape(worker) -> str:
-    from urllib.request import urlopen
-
-    with urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5) as resp:
-        return resp.read().decode()
+def _consumed(worker) -> float:
+    return metric(scrape(worker), "recur_events_consumed_total")
 
 
-def test_rebalance_two_workers_one_stops(stack, model_registry):
+@pytest.mark.parametrize("leaves", ["sigterm", "sigkill"])
+def test_rebalance_two_workers_both_work_then_one_leaves(stack, model_registry, leaves):
     events = _events(6000, 300, seed=34)
-    first, rest = events[:3000], events[3000:]
-    produce_events(stack.settings, first)
     recs = Watcher(stack.settings, stack.settings.recommendations_topic)
+    env = {"RECUR_COMMIT_INTERVAL": "300"} if leaves == "sigkill" else {}  # b's work is uncommitted when it dies
     a = stack.start_worker("a")
-    b = stack.start_worker("b")
-    recs.wait_for(2000, timeout=90)
-    assert stack.stop_worker(b) == 0  # its partitions move to worker a
+    b = stack.start_worker("b", **env)
+    sent = 0
+    while sent < 3000 and not (_consumed(a) > 0 and _consumed(b) > 0):  # until the group has split the partitions
+        chunk = events[sent:sent + 200]
+        produce_events(stack.settings, chunk)
+        recs.wait_for_events({e.event_id for e in chunk}, timeout=60)
+        sent += len(chunk)
+    by_a, by_b = _consumed(a), _consumed(b)
+    assert by_a > 0 and by_b > 0  # each worker processed events
+    if leaves == "sigterm":
+        assert stack.stop_worker(b) == 0  # its partitions move to worker a
+    else:
+        b.send_signal(signal.SIGKILL)  # dies: its partitions move to a after the session timeout
+        b.wait(10)
+    rest = events[sent:]
     produce_events(stack.settings, rest)
     ids = set(recs.wait_for_events({e.event_id for e in events}, timeout=120))
+    after_a = _consumed(a)
     assert stack.stop_worker(a) == 0
     recs.close()
     assert ids == {e.event_id for e in events}  # no event lost
+    assert after_a - by_a >= len(rest)  # a took over every partition
+    print(f"rebalance test ({leaves}): a {by_a:.0f} and b {by_b:.0f} events before b left, then a {after_a - by_a:.0f}")
+    _assert_states_match_replay(stack, model_registry, events)
+
+
+def test_state_is_restored_from_the_changelog_onto_an_empty_disk(stack, model_registry):
+    events = _events(1000, 50, seed=37)
+    first, later = events[:-50], events[-50:]
+    env = {"RECUR_EXCLUDE_PURCHASED": "false", "RECUR_USERS_COUNT_INTERVAL": "0.5"}
+    produce_events(stack.settings, first)
+    recs = Watcher(stack.settings, stack.settings.recommendations_topic)
+    worker = stack.start_worker(**env)
+    recs.wait_for_events({e.event_id for e in first}, timeout=60)
+    assert stack.stop_worker(worker) == 0
+    shutil.rmtree(stack.workdir / "var-w")  # the table's local RocksDB is gone
+    worker = stack.start_worker(**env)
+    users = wait_for_metric(worker, "recur_users_in_state", lambda n: n == 50)
+    produce_events(stack.settings, later)
+    recs.wait_for_events({e.event_id for e in events}, timeout=60)
+    assert stack.stop_worker(worker) == 0
+    values = {r["event_id"]: r for r in recs.values()}
+    recs.close()
+    assert users == 50  # every user's state is back
+    expected = expected_lists(load_artifact(model_registry), events)
+    got = {e.event_id: [i["item_id"] for i in values[e.event_id]["items"]] for e in later}
+    assert {values[e.event_id]["strategy"] for e in later} == {"lstm"}
+    assert [i for i in got if got[i] != expected[i]] == []  # lists follow the restored states, not fresh ones
     _assert_states_match_replay(stack, model_registry, events)
 
 
@@ -169,8 +256,7 @@ def test_broker_restart_mid_stream(stack, local_broker):
     worker = stack.start_worker()
     recs.wait_for(1000, timeout=60)
     recs.close()
-    local_broker.stop()
-    time.sleep(3)
+    local_broker.stop()  # returns once the broker process has exited
     local_broker.start()
     produce_events(stack.settings, events[1500:])
     recs = Watcher(stack.settings, stack.settings.recommendations_topic)
@@ -181,29 +267,83 @@ def test_broker_restart_mid_stream(stack, local_broker):
     assert stack.stop_worker(worker) == 0
 
 
-def test_new_model_version_is_used_without_restart(stack, model_registry, tmp_path):
+def _versions_per_partition(records) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        out.setdefault(r.partition, []).append(json.loads(r.value)["model_version"])
+    return out
+
+
+def test_a_model_published_under_load_is_swapped_in_and_a_broken_one_is_refused(stack, model_registry, tmp_path):
     registry = tmp_path / "registry"
     shutil.copytree(model_registry, registry)
-    old_version = load_artifact(registry).version
-    events = _events(2000, 100, seed=36)
+    old = load_artifact(registry)
+    events = _events(4000, 100, seed=36)
     produce_events(stack.settings, events[:1000])
     recs = Watcher(stack.settings, stack.settings.recommendations_topic)
-    worker = stack.start_worker(RECUR_MODELS_DIR=str(registry), RECUR_MODEL_POLL_INTERVAL="0.5")
+    worker = stack.start_worker(RECUR_MODELS_DIR=str(registry), RECUR_MODEL_POLL_INTERVAL="0.5",
+                                RECUR_EXCLUDE_PURCHASED="false")
     recs.wait_for(1000, timeout=60)
-    sessions = sorted(sessionize(generate(SyntheticConfig(n_events=6000, seed=9))), key=lambda s: s.times[0])
+    sessions = sorted(sessionize(generate(SyntheticConfig(n_events=15000, seed=9))), key=lambda s: s.times[0])
     result = train(sessions, dict(embedding_dim=16, hidden_dim=24), TrainConfig(epochs=1, refit=False, seed=2))
-    new_version = save_artifact(registry, result.model, result.vocab, {"source": "reload test"}, publish=True).name
-    time.sleep(3)  # the worker polls every 0.5 s and loads off the hot path
-    produce_events(stack.settings, events[1000:])
-    recs.wait_for(2000, timeout=60, quiet=2)
-    pid_alive = worker.poll() is None
-    metrics = _scrape(worker)
+    producing = threading.Thread(target=_produce_paced, args=(stack.settings, events[1000:3000], 800))
+    producing.start()  # ~800 events/s for ~2.5 s: the swap lands between batches of a live stream
+    recs.wait_for(1300, timeout=60)
+    new_path = save_artifact(registry, result.model, result.vocab, {"source": "reload test"}, publish=True)
+    swapped = wait_for_metric(worker, "recur_model_info", lambda v: v == 1, labels=f'version="{new_path.name}"')
+    producing.join()
+    # a published version whose weights do not match their checksum: refused once, the new model stays
+    broken = registry / (new_path.name + "-broken")
+    shutil.copytree(new_path, broken)
+    meta = json.loads((broken / "meta.json").read_text())
+    (broken / "meta.json").write_text(json.dumps({**meta, "version": broken.name}))
+    (broken / "weights.pt").write_bytes((broken / "weights.pt").read_bytes()[:-10] + b"0" * 10)
+    publish_version(registry, broken.name)
+    failures = wait_for_metric(worker, "recur_model_load_failures_total", lambda v: v >= 1)
+    produce_events(stack.settings, events[3000:])
+    recs.wait_for_events({e.event_id for e in events}, timeout=60)
+    metrics = scrape(worker)
     assert stack.stop_worker(worker) == 0
-    values = recs.values()
+    values, records = recs.values(), list(recs.records)
     recs.close()
-    assert pid_alive and len(values) == 2000
-    assert {r["model_version"] for r in values[:1000]} == {old_version}
-    later = [r for r in values if r["event_id"] in {e.event_id for e in events[1000:]}]
-    assert len(later) == 1000 and {r["model_version"] for r in later} == {new_version}
-    assert f'recur_model_info{{version="{new_version}"}} 1.0' in metrics
-    assert "recur_users_rewarmed_total" in metrics and json.dumps(new_version)
+    assert swapped == 1 and failures == 1 and metric(metrics, "recur_model_load_failures_total") == 1
+    assert len(values) == 4000
+    by_id = {r["event_id"]: r for r in values}
+    assert {by_id[e.event_id]["model_version"] for e in events[:1000]} == {old.version}
+    assert {by_id[e.event_id]["model_version"] for e in events[3000:]} == {new_path.name}  # not the broken one
+    under_load = Counter(by_id[e.event_id]["model_version"] for e in events[1000:3000])
+    assert under_load[old.version] > 0 and under_load[new_path.name] > 0  # swapped while events flowed
+    for versions in _versions_per_partition(records).values():  # once swapped, never back
+        assert versions == sorted(versions, key=lambda v: v == new_path.name)
+    # every list is the one its model gives: the old model's as before, the new one's from re-warmed states
+    first_new: dict[str, int] = {}
+    per_user = Counter()
+    for e in events:
+        if by_id[e.event_id]["model_version"] == new_path.name and e.user_id not in first_new:
+            first_new[e.user_id] = per_user[e.user_id]
+        per_user[e.user_id] += 1
+    expected = {**expected_lists(old, [e for e in events if by_id[e.event_id]["model_version"] == old.version]),
+                **expected_lists(load_artifact(new_path), [e for e in events if e.user_id in first_new],
+                                 rewarm_at=first_new)}
+    checked = [e.event_id for e in events if e.event_id in expected and
+               by_id[e.event_id]["strategy"] == "lstm" and by_id[e.event_id]["items"][0]["score"] != 0.0]
+    wrong = [i for i in checked if [x["item_id"] for x in by_id[i]["items"]] != expected[i]]
+    assert len(checked) > 3500 and wrong == []
+    assert metric(metrics, "recur_users_rewarmed_total") >= 1
+
+
+def _produce_paced(settings, events, per_second: int) -> None:
+    """A load generator: `events` at a steady rate (the pacing is the load, not a wait for a result)."""
+    from pipeline.clients import producer
+    from pipeline.records import encode_event
+
+    prod = producer(settings)
+    started = time.monotonic()
+    for n, e in enumerate(events):
+        key, value = encode_event(e)
+        prod.send(settings.events_topic, key=key, value=value)
+        if n % 20 == 19:
+            prod.flush()
+            time.sleep(max(0.0, started + (n + 1) / per_second - time.monotonic()))
+    prod.flush()
+    prod.close()
