@@ -1,7 +1,7 @@
 """The live model: picking up newly published versions, and checking that it knows the stream.
 
 The registry's CURRENT is polled on a timer; a new version is loaded and checked in a thread,
-off the event loop, and the agent swaps it in before its next batch (`BatchHandler.swap_model`).
+off the event loop, then swapped in on the loop, between two batches (`BatchHandler.swap_model`).
 A version that fails its checks is counted once and not tried again; the live model stays.
 """
 
@@ -69,3 +69,4 @@ def register_model_watch(streams, handler, settings) -> None:  # noqa: ANN001 - 
                       handler.recommender.version, e)
             return
         handler.pending = artifact
+        handler.swap_model()  # between batches: the step is synchronous, a batch never sees half a swap

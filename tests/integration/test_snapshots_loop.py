@@ -16,7 +16,7 @@ from models.train import TrainConfig, train
 from pipeline.clients import produce_events, shift_to_now
 from pipeline.snapshot_files import list_files
 
-from .conftest import Watcher
+from .conftest import Watcher, wait_for_metric
 
 
 def _kill_during_snapshot(worker, snap_dir, timeout: float) -> bool:
@@ -88,7 +88,8 @@ def test_closed_loop_retrained_model_doubles_the_online_hit_rate(stack, tmp_path
     pop = evaluate_scorer(popular(index_sessions(sessions, result.vocab), len(result.vocab)), test_idx)
     assert lstm["recall@20"] > pop["recall@20"] and lstm["mrr@20"] > pop["mrr@20"]
     version = save_artifact(registry, result.model, result.vocab, {"source": str(snap)}, publish=True).name
-    time.sleep(3)  # polled every 0.5 s, loaded off the hot path, swapped before the next batch
+    # polled every 0.5 s, loaded off the hot path, swapped before the next batch
+    assert wait_for_metric(worker, "recur_model_info", lambda v: v == 1, labels=f'version="{version}"') == 1
     produce_events(stack.settings, after)
     recs.wait_for_events({e.event_id for e in events}, timeout=90)
     assert stack.stop_worker(worker) == 0
