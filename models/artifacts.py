@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from models.data import Vocabulary
 from models.errors import ArtifactError
 from models.lstm import ModelConfig, RecurrentRecommender
+from models.vocab import Vocabulary
 
 FORMAT_VERSION = 1
 FILES = ("config.json", "weights.pt", "items.json", "meta.json")

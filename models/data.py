@@ -3,8 +3,8 @@
 Formats:
   session-tsv  `SessionId<TAB>ItemId<TAB>Time` (Unix seconds), as in yoochoose-100k
   jsonl        one wire-format event per line (see README); sessions cut by inactivity
-  parquet      the worker's snapshots (`pipeline/snapshots.py` writes them); rows
-               are de-duplicated by (partition, offset), then cut by inactivity
+The worker's Parquet snapshots are read by `pipeline/snapshot_files.py` (the core imports no
+Parquet library) and cut into sessions here (`sessionize`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import numpy as np
 
 from models.errors import BadRecord, DataError
 from models.events import Event, parse_event
+from models.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("session-tsv", "jsonl", "parquet")
+FORMATS = ("session-tsv", "jsonl")
 DEFAULT_SESSION_GAP_S = 30 * 60  # sessions are cut after 30 minutes of inactivity
 
 
@@ -49,8 +50,6 @@ def read_sessions(path: str | Path, fmt: str, session_gap_s: float = DEFAULT_SES
         sessions = _read_session_tsv(path)
     elif fmt == "jsonl":
         sessions = sessionize(_read_jsonl(path), session_gap_s)
-    elif fmt == "parquet":
-        sessions = sessionize(read_snapshot_events(path), session_gap_s)
     else:
         raise DataError(f"read: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     sessions.sort(key=lambda s: (s.times[0], s.key))
@@ -97,29 +96,6 @@ def _read_jsonl(path: Path) -> list[Event]:
     return events
 
 
-def read_snapshot_events(path: str | Path) -> list[Event]:
-    """All events in the snapshot files under `path`, de-duplicated by (partition, offset)."""
-    import pyarrow.dataset as ds  # local import: the core stays importable without pyarrow
-
-    try:
-        dataset = ds.dataset(str(path), format="parquet", partitioning="hive", exclude_invalid_files=True)
-        table = dataset.to_table(
-            columns=["user_id", "partition", "offsets", "item_ids", "event_types", "timestamps_ms"]
-        )
-    except Exception as e:  # pyarrow raises several unrelated types here
-        raise DataError(f"read parquet: cannot read snapshots under {path}: {e}") from None
-    seen: set[tuple[int, int]] = set()
-    events = []
-    for row in table.to_pylist():
-        part = row["partition"]
-        for off, item, etype, ts in zip(row["offsets"], row["item_ids"], row["event_types"], row["timestamps_ms"]):
-            if (part, off) in seen:
-                continue
-            seen.add((part, off))
-            events.append(Event(row["user_id"], item, int(etype), int(ts), event_id=f"{part}-{off}"))
-    return events
-
-
 def sessionize(events: Iterable[Event], gap_s: float = DEFAULT_SESSION_GAP_S) -> list[Session]:
     """Group events by user (or by session_id when given) and cut at `gap_s` of inactivity."""
     by_key: dict[str, list[Event]] = defaultdict(list)
@@ -138,28 +114,6 @@ def sessionize(events: Iterable[Event], gap_s: float = DEFAULT_SESSION_GAP_S) ->
             current.types.append(e.event_type)
             current.times.append(t)
     return sessions
-
-
-class Vocabulary:
-    """Item id <-> dense index. Index order: most frequent first."""
-
-    def __init__(self, items: list[str]) -> None:
-        self.items = list(items)
-        self.index = {item: i for i, item in enumerate(self.items)}
-        if len(self.index) != len(self.items):
-            raise DataError("vocabulary: item ids are not unique")
-
-    @classmethod
-    def from_sessions(cls, sessions: Iterable[Session]) -> Vocabulary:
-        counts = Counter(item for s in sessions for item in s.items)
-        return cls([item for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))])
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def get(self, item: str) -> int:
-        """Index of `item`, or -1 when unknown."""
-        return self.index.get(item, -1)
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""The event record shared by the wire format, the file readers and the snapshots.
+"""The records recur reads and writes: the event (shared by the wire format, the file readers
+and the snapshots), its event types, and the recommendation.
 
-Pure validation of an already-decoded JSON object; decoding bytes, size limits
-and Kafka keys are the pipeline's job (`pipeline/records.py`).
+Pure validation of an already-decoded JSON object; decoding bytes, size limits and Kafka keys
+are the pipeline's job (`pipeline/records.py`). Imports nothing heavier than the standard
+library, so the wire format, the CLI's clients and the readers do not pull in torch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from models.errors import BadRecord
-from models.lstm import EVENT_TYPES
+
+CLICK, PURCHASE = 0, 1
+EVENT_TYPES = ("click", "purchase")  # index = event type id
 
 MIN_TIMESTAMP_MS = 946_684_800_000  # 2000-01-01: anything earlier is absurd
 MAX_FUTURE_MS = 24 * 3600 * 1000  # more than a day ahead of the clock is absurd
@@ -39,6 +43,21 @@ class Event:
         if self.session_id is not None:
             out["session_id"] = self.session_id
         return out
+
+
+@dataclass
+class Recommendation:
+    user_id: str
+    event_id: str
+    item_ids: list[str]  # best first
+    scores: list[float]  # the model's score of each (0.0 for a re-sent list; counts for trending)
+    strategy: str  # "lstm", "trending" or "repeat" (a re-sent list for an already applied event)
+    model_version: str
+    event_timestamp: int  # ms
+
+    @property
+    def items(self) -> list[tuple[str, float]]:
+        return list(zip(self.item_ids, self.scores))
 
 
 def _id(obj: dict, field: str, required: bool) -> str | None:

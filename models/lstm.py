@@ -24,15 +24,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.errors import ModelError
-
-CLICK, PURCHASE = 0, 1
-EVENT_TYPES = ("click", "purchase")  # index = event type id
+from models.events import EVENT_TYPES
 
 
 @dataclass
 class ModelConfig:
     n_items: int  # size of the item vocabulary (rows of the item embedding)
-    n_event_types: int = 2  # click, purchase
+    n_event_types: int = len(EVENT_TYPES)  # click, purchase
     embedding_dim: int = 64  # item embedding width E
     hidden_dim: int = 128  # recurrent width H
     num_layers: int = 1  # stacked recurrent layers L

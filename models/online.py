@@ -16,10 +16,10 @@ import orjson
 import torch
 
 from models.artifacts import Artifact
-from models.data import Vocabulary
-from models.events import Event
-from models.lstm import PURCHASE, RecurrentRecommender, advance, init_state, score_top_k
+from models.events import PURCHASE, Event, Recommendation
+from models.lstm import RecurrentRecommender, advance, init_state, score_top_k
 from models.trending import Trending
+from models.vocab import Vocabulary
 
 _MAGIC = b"R1"
 _HEADER = struct.Struct("<2sI")  # magic, header length
@@ -69,21 +69,6 @@ class InputEvent:
     @property
     def event_id(self) -> str:
         return self.event.event_id or f"{self.partition}-{self.offset}"
-
-
-@dataclass
-class Recommendation:
-    user_id: str
-    event_id: str
-    item_ids: list[str]  # best first
-    scores: list[float]  # the model's score of each (0.0 for a re-sent list; counts for trending)
-    strategy: str  # "lstm", "trending" or "repeat" (a re-sent list for an already applied event)
-    model_version: str
-    event_timestamp: int  # ms
-
-    @property
-    def items(self) -> list[tuple[str, float]]:
-        return list(zip(self.item_ids, self.scores))
 
 
 @dataclass

@@ -12,8 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from models.events import Event
-from models.lstm import CLICK, PURCHASE
+from models.events import CLICK, PURCHASE, Event
 
 
 @dataclass

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from models.data import IndexedSession, Session, Vocabulary, index_sessions
+from models.data import IndexedSession, Session, index_sessions
 from models.errors import ConfigError, DataError
 from models.evaluate import evaluate_model
 from models.lstm import ModelConfig, RecurrentRecommender
+from models.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 

@@ -322,7 +322,7 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
     import tempfile
 
     from models.artifacts import save_artifact
-    from models.data import Vocabulary
+    from models.vocab import Vocabulary
     from pipeline.clients import consume, create_topics, delete_topics_with_prefix, end_offsets, producer
     from pipeline.kafka_local import start_if_needed
 

@@ -9,14 +9,26 @@ import sys
 import torch
 from tqdm import tqdm
 
+from models import data
 from models.artifacts import load_artifact, save_artifact
 from models.baselines import BASELINES, build_baseline
-from models.data import DEFAULT_SESSION_GAP_S, FORMATS, Vocabulary, index_sessions, read_sessions, sessionize
+from models.data import DEFAULT_SESSION_GAP_S, index_sessions, sessionize
 from models.errors import ConfigError
 from models.evaluate import evaluate_model, evaluate_scorer
 from models.lstm import resolve_device
 from models.train import TrainConfig, train
+from models.vocab import Vocabulary
+from pipeline import snapshot_files
 from pipeline.config import Settings
+
+FORMATS = (*data.FORMATS, "parquet")  # parquet: the worker's snapshots
+
+
+def read_sessions(path: str, fmt: str, session_gap_s: float = DEFAULT_SESSION_GAP_S) -> list[data.Session]:
+    """A file (session-tsv, jsonl) or a snapshot folder (parquet) -> sessions by start time."""
+    if fmt == "parquet":
+        return snapshot_files.read_sessions(path, session_gap_s)
+    return data.read_sessions(path, fmt, session_gap_s)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import orjson
 
 from models.errors import BadRecord
-from models.events import Event, parse_event
-from models.online import Recommendation
+from models.events import Event, Recommendation, parse_event
 
 
 def decode_event(key: bytes | None, value: bytes | None, max_bytes: int, now_ms: int) -> Event:

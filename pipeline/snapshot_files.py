@@ -38,6 +38,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from models.data import DEFAULT_SESSION_GAP_S, Session, sessionize
+from models.errors import DataError
 from models.events import Event
 
 SCHEMA = pa.schema([
@@ -264,6 +266,37 @@ def remove_uncommitted(root: str, positions: dict[int, int]) -> Cleanup:
             done.files_removed += 1
         filesystem.delete_file(info.path)
     return done
+
+
+def read_events(root: str | Path) -> list[Event]:
+    """Every event in the snapshot files under `root`, each (partition, offset) once, in file
+    order; event ids are "<partition>-<offset>" (what the worker names events without one)."""
+    import pyarrow.dataset as ds
+
+    try:
+        dataset = ds.dataset(str(root), format="parquet", partitioning="hive", exclude_invalid_files=True)
+        table = dataset.to_table(columns=["user_id", "partition", "offsets", "item_ids", "event_types", "timestamps_ms"])
+    except Exception as e:  # pyarrow raises several unrelated types here
+        raise DataError(f"read parquet: cannot read snapshots under {root}: {e}") from None
+    seen: set[tuple[int, int]] = set()
+    events = []
+    for row in table.to_pylist():
+        part = row["partition"]
+        for off, item, etype, ts in zip(row["offsets"], row["item_ids"], row["event_types"], row["timestamps_ms"]):
+            if (part, off) in seen:
+                continue
+            seen.add((part, off))
+            events.append(Event(row["user_id"], item, int(etype), int(ts), event_id=f"{part}-{off}"))
+    return events
+
+
+def read_sessions(root: str | Path, session_gap_s: float = DEFAULT_SESSION_GAP_S) -> list[Session]:
+    """The snapshots' events cut into sessions (by user, at `session_gap_s` of inactivity), by start time."""
+    if not Path(root).exists() and "://" not in str(root):
+        raise DataError(f"read: {root} does not exist")
+    sessions = sessionize(read_events(root), session_gap_s)
+    sessions.sort(key=lambda s: (s.times[0], s.key))
+    return sessions
 
 
 def recent_items(root: str, n: int) -> list[str]:

@@ -9,12 +9,12 @@ from collections import defaultdict
 
 from models.artifacts import save_artifact
 from models.baselines import popular
-from models.data import index_sessions, read_sessions, read_snapshot_events, sessionize
+from models.data import index_sessions, sessionize
 from models.evaluate import evaluate_model, evaluate_scorer, online_hit_rate
 from models.synthetic import SyntheticConfig, generate
 from models.train import TrainConfig, train
 from pipeline.clients import produce_events, shift_to_now
-from pipeline.snapshot_files import list_files
+from pipeline.snapshot_files import list_files, read_events, read_sessions
 
 from .conftest import Watcher, wait_for_metric
 
@@ -48,7 +48,7 @@ def test_every_event_is_in_the_snapshots_exactly_once_after_sigkill(stack, tmp_p
     recs.close()
     files = list_files(str(snap)).files  # every file under its final name reads as Parquet
     assert files and all(f.rows > 0 for f in files)
-    got = read_snapshot_events(snap)
+    got = read_events(snap)
     key = lambda e: (e.user_id, e.item_id, e.event_type, e.timestamp_ms)  # noqa: E731
     assert sorted(map(key, got)) == sorted(map(key, events))  # each event exactly once
     per_user = defaultdict(list)
@@ -75,7 +75,7 @@ def test_closed_loop_retrained_model_doubles_the_online_hit_rate(stack, tmp_path
     recs.wait_for_events({e.event_id for e in before}, timeout=90)
     deadline = time.monotonic() + 20  # the next snapshot flushes (every 1 s; fetches wait up to 0.5 s)
     while True:
-        sessions = read_sessions(snap, "parquet") if list_files(str(snap)).files else []
+        sessions = read_sessions(snap) if list_files(str(snap)).files else []
         if sum(len(s) for s in sessions) >= len(before) or time.monotonic() > deadline:
             break
         time.sleep(0.5)

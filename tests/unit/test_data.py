@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from models.data import Vocabulary, index_sessions, read_sessions, sessionize
+from models.data import index_sessions, read_sessions, sessionize
 from models.errors import DataError
 from models.events import Event
+from models.vocab import Vocabulary
 
 
 def test_session_tsv_orders_events_by_time(tmp_path):

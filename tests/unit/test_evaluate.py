@@ -103,7 +103,8 @@ YOOCHOOSE = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared"
 def test_pop_and_sr_on_yoochoose_validation_are_the_published_figures():
     import pytest
 
-    from models.data import Vocabulary, index_sessions, read_sessions
+    from models.data import index_sessions, read_sessions
+    from models.vocab import Vocabulary
 
     if not (YOOCHOOSE / "train_tr.tsv").exists():
         pytest.skip(f"{YOOCHOOSE} is not here (it comes with ../shared beside the checkout)")

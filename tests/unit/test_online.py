@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from models.artifacts import Artifact
-from models.data import Vocabulary
 from models.events import Event
 from models.lstm import ModelConfig, RecurrentRecommender, init_state, step
 from models.online import InputEvent, OnlineConfig, OnlineRecommender, UserState
+from models.vocab import Vocabulary
 
 ITEMS = [f"i{n}" for n in range(30)]
 

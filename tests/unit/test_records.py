@@ -3,7 +3,7 @@ import json
 import pytest
 
 from models.errors import BadRecord
-from models.online import Recommendation
+from models.events import Recommendation
 from pipeline.records import decode_event, dlq_headers, encode_event, encode_recommendation
 
 NOW = 1_800_000_000_000

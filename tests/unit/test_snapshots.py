@@ -4,7 +4,6 @@ import gc
 import pyarrow.parquet as pq
 from aiokafka import TopicPartition
 
-from models.data import read_sessions, read_snapshot_events
 from models.events import Event
 from pipeline.cli import main
 from pipeline.snapshot_files import (
@@ -12,6 +11,8 @@ from pipeline.snapshot_files import (
     Buffer,
     compact,
     list_files,
+    read_events,
+    read_sessions,
     recent_items,
     remove_uncommitted,
     to_table,
@@ -68,21 +69,21 @@ def test_reader_drops_duplicates_and_orders_by_time(tmp_path):
     write_snapshot(str(tmp_path), _buffer([_applied(0, 1, "a", "x", T0 + 1), _applied(0, 2, "a", "y", T0 + 2)]))
     write_snapshot(str(tmp_path), _buffer([_applied(0, 2, "a", "y", T0 + 2), _applied(0, 3, "a", "z", T0 + 3)]))  # overlap
     (tmp_path / "dt=2023-11-14" / "hour=22" / ".half-written.parquet.tmp-1").write_bytes(b"PAR1 garbage")
-    events = read_snapshot_events(tmp_path)
+    events = read_events(tmp_path)
     assert sorted((e.item_id, e.event_id) for e in events) == [("x", "0-1"), ("y", "0-2"), ("z", "0-3")]
-    sessions = read_sessions(tmp_path, "parquet")
+    sessions = read_sessions(tmp_path)
     assert [s.items for s in sessions] == [["x", "y", "z"]]
 
 
 def test_compact_merges_past_hours_without_changing_what_readers_see(tmp_path, capsys):
     for off in range(6):
         write_snapshot(str(tmp_path), _buffer([_applied(off % 2, off, f"u{off % 3}", f"i{off}", T0 + off)]))
-    before = sorted((e.event_id, e.item_id, e.user_id) for e in read_snapshot_events(tmp_path))
+    before = sorted((e.event_id, e.item_id, e.user_id) for e in read_events(tmp_path))
     assert len(list_files(str(tmp_path)).files) == 6
     merged = compact(str(tmp_path), before_ms=T0 + 2 * HOUR)
     assert sorted(n for _, n in merged) == [3, 3]
     assert len(list_files(str(tmp_path)).files) == 2
-    assert sorted((e.event_id, e.item_id, e.user_id) for e in read_snapshot_events(tmp_path)) == before
+    assert sorted((e.event_id, e.item_id, e.user_id) for e in read_events(tmp_path)) == before
     assert main(["snapshots", "ls", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 files, 6 rows, 6 events" in out
@@ -119,7 +120,7 @@ def test_events_of_two_hours_and_partitions_go_to_separate_files(tmp_path):
         ("dt=2023-11-14/hour=23/p000-000000000001-000000000009.parquet", 3),
         ("dt=2023-11-14/hour=23/p003-000000000001-000000000009.parquet", 3)]
     assert write_snapshot(str(tmp_path / "empty"), Buffer()) == []
-    assert len(read_snapshot_events(tmp_path)) == 20
+    assert len(read_events(tmp_path)) == 20
 
 
 class _Consumer:  # the aiokafka consumer's commit, recorded
@@ -162,7 +163,7 @@ def test_a_failed_write_keeps_the_events_and_their_offsets_for_the_next_flush(tm
     blocked.unlink()
     asyncio.run(snap.flush())
     assert snap.consumer.commits == [{TP0: 4}] and len(snap.pending) == 0 and snap.offsets == {}
-    assert [e.item_id for e in read_snapshot_events(blocked)] == ["i0", "i1", "i2", "i3"]
+    assert [e.item_id for e in read_events(blocked)] == ["i0", "i1", "i2", "i3"]
 
 
 def test_files_written_before_a_failure_are_removed_before_the_retry(tmp_path, monkeypatch):
@@ -201,7 +202,7 @@ def test_remove_uncommitted_takes_out_exactly_the_events_at_or_past_the_position
     (hour / ".p001-000000000009-000000000012.parquet.tmp-1").write_bytes(b"PAR1 half")
     done = remove_uncommitted(root, {0: 5})
     assert (done.files_removed, done.files_trimmed, done.events_removed, done.temporary_removed) == (1, 0, 4, 1)
-    events = sorted((e.event_id for e in read_snapshot_events(tmp_path)), key=lambda i: tuple(map(int, i.split("-"))))
+    events = sorted((e.event_id for e in read_events(tmp_path)), key=lambda i: tuple(map(int, i.split("-"))))
     assert events == [f"0-{n}" for n in range(5)] + [f"1-{n}" for n in range(9)]
     assert [p.name for p in hour.glob(".*")] == [".p001-000000000009-000000000012.parquet.tmp-1"]
     # a compacted file that holds both: the committed part stays, the rest goes
@@ -210,7 +211,7 @@ def test_remove_uncommitted_takes_out_exactly_the_events_at_or_past_the_position
     compact(root, before_ms=T0 + 3 * HOUR)
     done = remove_uncommitted(root, {0: 3})
     assert (done.files_trimmed, done.events_removed) == (1, 4)
-    assert sorted(e.event_id for e in read_snapshot_events(tmp_path) if e.event_id.startswith("0-")) == ["0-0", "0-1", "0-2"]
+    assert sorted(e.event_id for e in read_events(tmp_path) if e.event_id.startswith("0-")) == ["0-0", "0-1", "0-2"]
 
 
 def test_compact_drops_copies_left_by_older_versions_and_stale_temporary_files(tmp_path, capsys):
