@@ -193,12 +193,12 @@ def faust_floor_main() -> None:
     import faust
 
     from pipeline.agents import batches, broker_backlog
-    from pipeline.app import _limit_fetch_wait
+    from pipeline.faust_internals import limit_fetch_wait
     from pipeline.config import load_settings
 
     settings = load_settings(os.environ)
     n_events, out = int(os.environ["RECUR_FLOOR_EVENTS"]), Path(os.environ["RECUR_FLOOR_OUT"])
-    _limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
+    limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
     app = faust.App(f"{settings.app_id}-floor", broker=f"kafka://{settings.bootstrap_servers}", store="memory://",
                     datadir=tempfile.mkdtemp(prefix="recur-floor-"), processing_guarantee="at_least_once",
                     consumer_auto_offset_reset="earliest", web_enabled=False, topic_allow_declare=False,
