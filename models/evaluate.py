@@ -77,8 +77,9 @@ def evaluate_model(
         items = torch.tensor([todo[s].items[p] for s, p in slots], device=device)
         types = torch.tensor([todo[s].types[p] for s, p in slots], device=device)
         targets = torch.tensor([todo[s].items[p + 1] for s, p in slots], device=device)
-        state, scores = step(model, state, items, types)
-        metrics.add(ranks_of(scores, targets).cpu().numpy())
+        out = step(model, state, items, types)  # every item's score
+        state = out.state
+        metrics.add(ranks_of(out.scores, targets).cpu().numpy())
         if progress:
             progress(len(slots))
         keep = [i for i, (s, p) in enumerate(slots) if p + 2 < len(todo[s].items)]

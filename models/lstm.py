@@ -1,8 +1,10 @@
 """The sequence recommender: config, module and the one batched `step`.
 
-The same `step` runs in the streaming worker and in the offline evaluator;
-`RecurrentRecommender.forward` is the full-sequence form used in training and
-is tested to agree with repeated `step` calls.
+`step` is the only way a batch of users advances by one event and is scored: the streaming
+worker (top-k with masks and a scratch buffer), the offline evaluator (every item's score), the
+re-warm after a model swap (no scoring) and the benchmark all call it.
+`RecurrentRecommender.forward` is the full-sequence form used in training and is tested to
+agree with repeated `step` calls.
 
 Per-user recurrent state is one flat float vector per user (a row of a
 ``(B, S)`` tensor), laid out as::
@@ -187,7 +189,7 @@ def _pack(h, c, ring, count) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def advance(
+def _advance(
     model: RecurrentRecommender, state: torch.Tensor, items: torch.Tensor, event_types: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One recurrent step without scoring: -> (new_state (B, S), queries (B, E))."""
@@ -208,15 +210,47 @@ def advance(
     return _pack(h, c, ring, count), model.query(out, x)
 
 
+Mask = Callable[[torch.Tensor, int], None]  # (block of scores (n, V), its first row) -> edits it in place
+Scorer = Callable[[RecurrentRecommender, torch.Tensor, int, "torch.Tensor | None", "Mask | None"],
+                  tuple[torch.Tensor, torch.Tensor]]  # (model, queries (B, E), k, buffer, mask) -> top-k
+
+
+@dataclass
+class StepResult:
+    state: torch.Tensor  # (B, S) the users' new states
+    scores: torch.Tensor | None = None  # (B, V) every item's score (k=None)
+    top_scores: torch.Tensor | None = None  # (B, k) best first (k given); masked items score -inf
+    top_items: torch.Tensor | None = None  # (B, k) item indices
+
+
 def step(
-    model: RecurrentRecommender, state: torch.Tensor, items: torch.Tensor, event_types: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batched online step: state (B, S), items (B,), event_types (B,)
-    -> (new_state (B, S), scores (B, V)). Rows of zeros in `state` are new users.
-    Both results are inference tensors: clone them before editing in place."""
+    model: RecurrentRecommender,
+    state: torch.Tensor,
+    items: torch.Tensor,
+    event_types: torch.Tensor,
+    *,
+    k: int | None = None,
+    score: bool = True,
+    mask: Mask | None = None,
+    buffer: torch.Tensor | None = None,
+    scorer: Scorer | None = None,
+) -> StepResult:
+    """The batched online step: state (B, S), items (B,), event_types (B,) -> the new states and
+    the scores. Rows of zeros in `state` are new users.
+
+    k=None: every item's score (B, V) in `scores` (the evaluator). k given: the k best items per
+    user in `top_scores` / `top_items` (the worker, the benchmark), by `scorer` (default
+    `score_top_k`, exact), with `mask` (-inf for items that must not be recommended) and a
+    reusable `buffer`. score=False: the new states only (re-warming users after a swap).
+    Results are inference tensors: clone them before editing in place."""
     with torch.inference_mode():
-        new_state, queries = advance(model, state, items, event_types)
-        return new_state, model.score(queries)
+        new_state, queries = _advance(model, state, items, event_types)
+        if not score:
+            return StepResult(new_state)
+        if k is None:
+            return StepResult(new_state, scores=model.score(queries))
+        values, indices = (scorer or score_top_k)(model, queries, k, buffer, mask)
+        return StepResult(new_state, top_scores=values, top_items=indices)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -255,8 +289,8 @@ def score_top_k(
     queries: torch.Tensor,
     k: int,
     buffer: torch.Tensor | None = None,
+    mask: Mask | None = None,
     rows: int | None = None,
-    mask: Callable[[torch.Tensor, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k items for each of `queries` (B, E) -> (values (B, k), indices (B, k)).
 

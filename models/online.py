@@ -17,7 +17,7 @@ import torch
 
 from models.artifacts import Artifact
 from models.events import PURCHASE, Event, Recommendation
-from models.lstm import RecurrentRecommender, advance, init_state, score_top_k
+from models.lstm import RecurrentRecommender, init_state, step
 from models.trending import Trending
 from models.vocab import Vocabulary
 
@@ -130,7 +130,7 @@ class OnlineRecommender:
             items = torch.tensor([seqs[r][pos][0] for r in rows], device=self.device)
             types = torch.tensor([seqs[r][pos][1] for r in rows], device=self.device)
             with torch.inference_mode():
-                new_rows, _ = advance(self.model, state[idx], items, types)
+                new_rows = step(self.model, state[idx], items, types, score=False).state
             state[idx] = new_rows
         vectors = state.to(torch.float16).cpu().numpy()
         for u, vec in zip(users, vectors):
@@ -209,15 +209,14 @@ class OnlineRecommender:
             state = torch.from_numpy(np.stack([r.vector for r in rows])).to(self.device, torch.float32)
             items = torch.tensor([i for _, i in known], device=self.device)
             types = torch.tensor([events[n].event.event_type for n, _ in known], device=self.device)
-            with torch.inference_mode():
-                new_state, queries = advance(self.model, state, items, types)
-                users = [current[events[n].event.user_id] for n, _ in known]
-                k = min(cfg.k, self.model.config.n_items)
+            users = [current[events[n].event.user_id] for n, _ in known]
 
-                def mask(block: torch.Tensor, first: int) -> None:
-                    self._mask(block, users[first : first + block.size(0)], items[first : first + block.size(0)])
+            def mask(block: torch.Tensor, first: int) -> None:
+                self._mask(block, users[first : first + block.size(0)], items[first : first + block.size(0)])
 
-                top_scores, top_idx = score_top_k(self.model, queries, k, self._score_buffer(len(known)), mask=mask)
+            out = step(self.model, state, items, types, k=min(cfg.k, self.model.config.n_items), mask=mask,
+                       buffer=self._score_buffer(len(known)))
+            new_state, top_scores, top_idx = out.state, out.top_scores, out.top_items
             new_vectors = new_state.to(torch.float16).cpu().numpy()
             finite = torch.isfinite(top_scores).cpu().numpy()  # masked items score -inf
             top_scores = top_scores.cpu().numpy().round(4).tolist()

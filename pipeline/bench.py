@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from models.lstm import ModelConfig, RecurrentRecommender, advance, resolve_device, score_top_k
+from models.lstm import ModelConfig, RecurrentRecommender, resolve_device, step
 
 
 def _sync(device: torch.device) -> None:
@@ -60,14 +60,13 @@ class StepBench:
         return out
 
     def step(self, users, items, types) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.buffer.size(0) < users.numel():
+            self.buffer = torch.empty(users.numel(), self.n_items, device=self.device)
         with torch.inference_mode():
             state = self.store[users].float()  # gather (B, S)
-            new_state, queries = advance(self.model, state, items, types)
-            if self.buffer.size(0) < users.numel():
-                self.buffer = torch.empty(users.numel(), self.n_items, device=self.device)
-            values, indices = score_top_k(self.model, queries, self.k, self.buffer)  # scores (B, V), reused buffer
-            self.store[users] = new_state.to(torch.float16)  # scatter
-        return values, indices
+            out = step(self.model, state, items, types, k=self.k, buffer=self.buffer)  # the worker's step
+            self.store[users] = out.state.to(torch.float16)  # scatter
+        return out.top_scores, out.top_items
 
     def score_only(self, batch: int) -> float:
         """Seconds for the catalog scoring GEMM alone at `batch` (best of 5)."""
@@ -193,8 +192,8 @@ def faust_floor_main() -> None:
     import faust
 
     from pipeline.agents import batches, broker_backlog
-    from pipeline.faust_internals import limit_fetch_wait
     from pipeline.config import load_settings
+    from pipeline.faust_internals import limit_fetch_wait
 
     settings = load_settings(os.environ)
     n_events, out = int(os.environ["RECUR_FLOOR_EVENTS"]), Path(os.environ["RECUR_FLOOR_OUT"])

@@ -266,7 +266,7 @@ def offline_states(artifact, events) -> dict:
         vec = torch.from_numpy(state).float().unsqueeze(0) if state is not None else init_state(artifact.model.config, 1)
         idx = artifact.vocab.get(e.item_id)
         if idx >= 0:
-            vec, _ = step(artifact.model, vec, torch.tensor([idx]), torch.tensor([e.event_type]))
+            vec = step(artifact.model, vec, torch.tensor([idx]), torch.tensor([e.event_type])).state
         out[e.user_id] = vec[0].to(torch.float16).numpy().astype(np.float16)
     return out
 
@@ -292,7 +292,8 @@ def expected_lists(artifact, events, k: int = 20, rewarm_at: dict | None = None)
             idx = artifact.vocab.get(e.item_id)
             if idx < 0:
                 continue
-            state, scores = step(artifact.model, state, torch.tensor([idx]), torch.tensor([e.event_type]))
+            out = step(artifact.model, state, torch.tensor([idx]), torch.tensor([e.event_type]))
+            state, scores = out.state, out.scores
             if n + 1 >= first:
                 state = state.half().float()  # stored as float16 between batches
             if n >= first:

@@ -45,7 +45,8 @@ def test_every_event_gets_one_recommendation_matching_the_offline_step(stack, mo
         state = init_state(artifact.model.config, 1)
         for e in user_events:
             item = torch.tensor([artifact.vocab.get(e.item_id)])
-            state, scores = step(artifact.model, state, item, torch.tensor([e.event_type]))
+            out = step(artifact.model, state, item, torch.tensor([e.event_type]))
+            state, scores = out.state, out.scores
             state = state.half().float()  # the worker keeps state as float16 between batches
             expected[e.event_id] = [artifact.vocab.items[j] for j in torch.topk(scores[0], 20).indices.tolist()]
     mismatched = [r["event_id"] for _, r in recs if [i["item_id"] for i in r["items"]] != expected[r["event_id"]]]

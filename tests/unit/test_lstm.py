@@ -32,7 +32,8 @@ def test_step_equals_full_sequence_forward(kw):
         full_scores = model.score(queries)  # (B, T, V)
     state = init_state(model.config, B)
     for t in range(T):
-        state, scores = step(model, state, items[:, t], types[:, t])
+        out = step(model, state, items[:, t], types[:, t])
+        state, scores = out.state, out.scores
         torch.testing.assert_close(scores, full_scores[:, t], rtol=1e-5, atol=1e-5)
 
 
@@ -40,7 +41,8 @@ def test_shapes_and_state_size():
     model = _model(num_layers=2, attention_window=3)
     cfg = model.config
     assert cfg.state_size == 2 * 2 * 12 + 3 * 12 + 1
-    state, scores = step(model, init_state(cfg, 4), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 0, 1]))
+    out = step(model, init_state(cfg, 4), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 0, 1]))
+    state, scores = out.state, out.scores
     assert state.shape == (4, cfg.state_size)
     assert scores.shape == (4, 50)
 
@@ -49,11 +51,11 @@ def test_zero_row_resets_a_user_in_the_batch():
     model = _model()
     items, types = torch.tensor([3, 3]), torch.tensor([0, 0])
     state = init_state(model.config, 2)
-    state, _ = step(model, state, torch.tensor([7, 9]), types)
+    state = step(model, state, torch.tensor([7, 9]), types).state
     state = state.clone()  # step returns inference tensors; clone to edit in place
     state[1] = 0  # user 1 starts afresh
-    _, scores = step(model, state, items, types)
-    _, fresh = step(model, init_state(model.config, 1), items[:1], types[:1])
+    scores = step(model, state, items, types).scores
+    fresh = step(model, init_state(model.config, 1), items[:1], types[:1]).scores
     torch.testing.assert_close(scores[1], fresh[0])
     assert not torch.allclose(scores[0], fresh[0])
 
@@ -108,3 +110,30 @@ def test_blockwise_score_top_k_equals_scoring_everything_then_topk(B, rows):
         values, indices = score_top_k(model, queries, 20, buffer=torch.empty(B, 3001), rows=rows, mask=mask)
     assert torch.equal(indices, expected.indices) and torch.allclose(values, expected.values)
     assert not set(banned.tolist()) & set(indices.flatten().tolist())
+
+
+def test_one_step_serves_every_caller_with_the_same_states_and_scores():
+    torch.manual_seed(2)
+    model = RecurrentRecommender(ModelConfig(n_items=300, embedding_dim=8, hidden_dim=16, dropout=0.0)).eval()
+    state, items, types = torch.randn(5, model.config.state_size), torch.tensor([1, 5, 9, 9, 0]), torch.tensor([0, 1, 0, 0, 1])
+    full = step(model, state, items, types)  # the evaluator: every item's score
+    top = step(model, state, items, types, k=7, buffer=torch.empty(5, 300))  # the worker and the benchmark
+    bare = step(model, state, items, types, score=False)  # re-warming after a swap
+    assert full.scores.shape == (5, 300) and top.scores is None and bare.scores is bare.top_items is None
+    assert torch.equal(full.state, top.state) and torch.equal(full.state, bare.state)
+    assert torch.equal(top.top_items, torch.topk(full.scores, 7).indices)
+    assert torch.allclose(top.top_scores, torch.topk(full.scores, 7).values)
+
+    def no_item_zero_or_one(block, first):
+        block[:, :2] = float("-inf")
+
+    masked = step(model, state, items, types, k=7, mask=no_item_zero_or_one)
+    assert not set(masked.top_items.flatten().tolist()) & {0, 1}
+    calls = []
+
+    def scorer(model_, queries, k, buffer, mask):  # an approximate search plugs in here
+        calls.append((queries.shape, k))
+        return torch.zeros(queries.size(0), k), torch.zeros(queries.size(0), k, dtype=torch.long)
+
+    assert step(model, state, items, types, k=3, scorer=scorer).top_items.shape == (5, 3)
+    assert calls == [((5, model.config.embedding_dim), 3)]

@@ -49,7 +49,8 @@ def test_top_k_equals_an_offline_replay_through_step():
     _, recs = _run(OnlineRecommender(art, OnlineConfig(k=10)), [[_ev("u", i, n)] for n, i in enumerate(seq)])
     state = init_state(art.model.config, 1)
     for n, item in enumerate(seq):
-        state, scores = step(art.model, state, torch.tensor([ITEMS.index(item)]), torch.tensor([0]))
+        out = step(art.model, state, torch.tensor([ITEMS.index(item)]), torch.tensor([0]))
+        state, scores = out.state, out.scores
         state = state.half().float()  # the worker stores state as float16 between events
         top = torch.topk(scores[0], 10).indices.tolist()
         assert [i for i, _ in recs[n].items] == [ITEMS[j] for j in top]
