@@ -17,9 +17,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from models.artifacts import current_version, load_artifact
 from models.lstm import resolve_device
 from models.online import OnlineConfig, OnlineRecommender
-from pipeline.agents import BatchHandler, register, register_users_gauge
+from pipeline.agents import register, register_users_gauge
 from pipeline.app import create_app
 from pipeline.config import Settings
+from pipeline.handler import BatchHandler
 from pipeline.metrics import Metrics
 from pipeline.model_watch import register_model_watch
 from pipeline.snapshot_files import recent_items

@@ -3,7 +3,7 @@
 import asyncio
 from types import SimpleNamespace
 
-from pipeline.agents import batches, broker_backlog
+from pipeline.batching import batches, broker_backlog
 
 
 class _Flow:

@@ -1,0 +1,112 @@
+"""The loads and floors `recur bench e2e` measures the worker against: pre-loaded events, a bare
+aiokafka consume-and-produce loop, and an empty faust agent (run in a child process)."""
+
+from __future__ import annotations
+
+import time
+
+
+def _preload(settings, topic: str, n_events: int, n_users: int, n_items: int, seed: int = 1) -> None:
+    """n_events wire-format events keyed by user, Zipf-ish items, timestamps of now."""
+    import random
+
+    from models.events import CLICK, Event
+    from pipeline.clients import producer
+    from pipeline.records import encode_event
+
+    rng = random.Random(seed)
+    weights = [1.0 / (1 + r) for r in range(n_items)]
+    items = rng.choices(range(n_items), weights=weights, k=n_events)
+    now = int(time.time() * 1000)
+    prod = producer(settings)
+    for n in range(n_events):
+        key, value = encode_event(Event(f"u{rng.randrange(n_users)}", f"i{items[n]}", CLICK, now, event_id=f"e{n}"))
+        prod.send(topic, key=key, value=value)
+    prod.flush()
+    prod.close()
+
+
+async def _passthrough(bootstrap: str, topic: str, out_topic: str, n_events: int) -> float:
+    """A plain aiokafka consume-and-produce loop; -> events per second."""
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-pass-{uuid.uuid4().hex[:6]}",
+                                auto_offset_reset="earliest")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await consumer.start()
+    await producer.start()
+    n, started = 0, None
+    try:
+        async for msg in consumer:
+            if started is None:
+                started = time.perf_counter()
+            await producer.send(out_topic, key=msg.key, value=b"1")
+            n += 1
+            if n >= n_events:
+                break
+        await producer.flush()
+        return n / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def faust_floor_main() -> None:
+    """An empty faust agent on the events topic: it batches and acks like the worker's agent
+    (same batching, same fetch wait) and does nothing else. Run by `run_e2e_bench` in a child
+    process; reads RECUR_* settings plus RECUR_FLOOR_EVENTS and writes events/s to
+    RECUR_FLOOR_OUT. What any faust worker pays before doing any work."""
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import faust
+
+    from pipeline.batching import batches, broker_backlog
+    from pipeline.config import load_settings
+    from pipeline.faust_internals import limit_fetch_wait
+
+    settings = load_settings(os.environ)
+    n_events, out = int(os.environ["RECUR_FLOOR_EVENTS"]), Path(os.environ["RECUR_FLOOR_OUT"])
+    limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
+    app = faust.App(f"{settings.app_id}-floor", broker=f"kafka://{settings.bootstrap_servers}", store="memory://",
+                    datadir=tempfile.mkdtemp(prefix="recur-floor-"), processing_guarantee="at_least_once",
+                    consumer_auto_offset_reset="earliest", web_enabled=False, topic_allow_declare=False,
+                    logging_config=None)
+    topic = app.topic(settings.events_topic, key_serializer="raw", value_serializer="raw")
+    seen = {"n": 0, "first": 0, "t0": 0.0}
+
+    @app.agent(topic)
+    async def floor(stream):  # noqa: ANN001 - faust passes a StreamT
+        behind = broker_backlog(app, settings.max_batch)
+        async for batch in batches(stream, settings.max_batch, settings.max_wait, settings.backlog_wait, behind):
+            if not seen["t0"]:
+                seen["t0"], seen["first"] = time.perf_counter(), len(batch)
+            for event in batch:
+                event.ack()
+            seen["n"] += len(batch)
+            if seen["n"] >= n_events:
+                out.write_text(str((seen["n"] - seen["first"]) / max(time.perf_counter() - seen["t0"], 1e-9)))
+                os._exit(0)
+
+    sys.argv = ["recur-bench-floor", "worker", "-l", "warn"]
+    app.main()
+
+
+def _faust_floor(settings, n_events: int, folder: str) -> float:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = Path(folder) / "floor.txt"
+    env = {**os.environ, **settings.to_env(), "RECUR_FLOOR_EVENTS": str(n_events), "RECUR_FLOOR_OUT": str(out)}
+    with open(Path(folder) / "floor.log", "wb") as log_file:
+        subprocess.run([sys.executable, "-c", "from pipeline.bench.loads import faust_floor_main; faust_floor_main()"],
+                       env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=600, check=False)
+    if not out.exists():
+        raise RuntimeError(f"bench: the empty faust agent did not finish; see {Path(folder) / 'floor.log'}")
+    return float(out.read_text())

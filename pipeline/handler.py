@@ -1,0 +1,170 @@
+"""The batch handler: decode a batch, call the core's step once, write state back, send recommendations.
+
+    events (faust agent, pipeline/agents.py)
+      -> BatchHandler.handle: pipeline/records.py decodes each record (bad ones -> dead-letter topic)
+      -> pipeline/state_store.py reads the users' states, a batch at a time
+      -> models/online.py OnlineRecommender.process -> models/lstm.py step (the one step)
+      -> pipeline/state_store.py + the changelog: new states
+      -> pipeline/records.py encodes each Recommendation -> the recommendations topic
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from faust.types import EventT
+
+from models.artifacts import Artifact
+from models.errors import BadRecord
+from models.online import InputEvent, OnlineRecommender, UserState
+from pipeline import faust_internals as internals
+from pipeline.app import Streams
+from pipeline.batching import records_after
+from pipeline.config import Settings
+from pipeline.metrics import Metrics
+from pipeline.model_watch import ItemCoverage
+from pipeline.records import decode_event, dlq_headers, encode_recommendation
+from pipeline.state_store import StateStore
+
+log = logging.getLogger(__name__)
+
+
+class BatchHandler:
+    def __init__(self, streams: Streams, recommender: OnlineRecommender, metrics: Metrics, settings: Settings) -> None:
+        self.streams = streams
+        self.recommender = recommender
+        self.metrics = metrics
+        self.settings = settings
+        self.pending: Artifact | None = None  # a checked model waiting to be swapped in
+        self._store: StateStore | None = None  # made on first use: the table's store exists once the app runs
+        self.coverage = ItemCoverage(metrics.known_items)
+
+    @property
+    def store(self) -> StateStore:
+        if self._store is None:
+            self._store = StateStore(self.streams.state)
+        return self._store
+
+    def swap_model(self) -> None:
+        """Between batches: make a loaded and checked model the live one."""
+        if self.pending is None:
+            return
+        old, new = self.recommender.version, self.pending.version
+        self.recommender.use(self.pending)
+        self.pending = None
+        self.coverage.reset()
+        self.metrics.model.info({"version": new})
+        self.metrics.model_swaps.inc()
+        log.info("model: swapped %s -> %s; users re-warm on their next event", old, new)
+
+    async def dead_letter(self, event: EventT, error: BadRecord) -> None:
+        msg = event.message
+        await self.streams.dlq.send(
+            key=msg.key, value=msg.value, headers=dlq_headers(msg.topic, msg.partition, msg.offset, error)
+        )
+        self.metrics.dead_letters.labels(error.reason).inc()
+        log.warning("dead letter: partition %d offset %d: %s", msg.partition, msg.offset, error)
+
+    async def handle(self, batch: list[EventT], bind: Callable[[EventT], None] = lambda e: None) -> None:
+        """Process one batch. `bind(event)` makes `event` faust's current event, for stores
+        written through the table (see `pipeline/state_store.py`): faust files a table write
+        under the current event's partition, and for a batch there is none, so each user's
+        write is bound to one of that user's events (same key, same partition)."""
+        self.swap_model()
+        now_ms = int(time.time() * 1000)
+        valid: list[InputEvent] = []
+        source: dict[str, EventT] = {}
+        last_offsets: dict = {}
+        for event in batch:
+            msg = event.message
+            last_offsets[msg.tp] = msg.offset
+            try:
+                decoded = decode_event(msg.key, msg.value, self.settings.max_record_bytes, now_ms)
+            except BadRecord as error:
+                await self.dead_letter(event, error)
+                continue
+            valid.append(InputEvent(decoded, msg.partition, msg.offset))
+            source[decoded.user_id] = event
+        if not valid:
+            return
+        keys: dict[str, bytes] = {}
+        partitions: dict[bytes, int] = {}
+        for e in valid:
+            user = e.event.user_id
+            if user not in keys:
+                keys[user] = key = user.encode()
+                partitions[key] = e.partition
+        stored = self.store.read(partitions)
+        states = {}
+        for user, key in keys.items():
+            raw = stored[key]
+            states[user] = UserState.decode(raw) if raw is not None else None
+        started = time.perf_counter()
+        changed, recs, stats = self.recommender.process(states, valid)
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        await self.write_states(changed, source, bind)
+        sent_ms = int(time.time() * 1000)
+        producer = self.streams.app.producer  # straight to the producer: no per-record faust bookkeeping
+        topic = self.settings.recommendations_topic
+        strategies: Counter[str] = Counter()
+        for rec in recs:
+            key, value = encode_recommendation(rec, sent_ms)
+            await producer.send(topic, key, value, None, None, None)
+            strategies[rec.strategy] += 1
+            self.metrics.e2e_seconds.observe(max(0.0, (sent_ms - rec.event_timestamp) / 1000.0))
+        for strategy, n in strategies.items():
+            self.metrics.recommendations.labels(strategy).inc(n)
+        m = self.metrics
+        m.batch_size.observe(len(valid))
+        for etype, n in stats.by_type.items():
+            m.events.labels("purchase" if etype else "click").inc(n)
+        m.duplicates.inc(stats.duplicates)
+        m.unknown_items.inc(stats.unknown_items)
+        m.hits.inc(stats.hits)
+        m.hit_opportunities.inc(stats.hit_opportunities)
+        m.rewarmed.inc(stats.rewarmed)
+        if self.recommender.model is not None:
+            self.coverage.add(self.recommender.version, stats)
+        self._lag(last_offsets)
+
+    async def write_states(self, changed: dict[str, UserState], source: dict[str, EventT],
+                           bind: Callable[[EventT], None]) -> None:
+        """Write the batch's changed states to the local store and the table's changelog.
+
+        What `table[key] = value` does, minus faust's per-key bookkeeping (a changelog
+        future, a callback and a RocksDB write of the changelog offset for every key),
+        which cost as much as the model step. The store is written a batch at a time
+        (`pipeline/state_store.py`); the changelog record goes straight to the app's producer, to the partition of the
+        user's events (the table's partition); the changelog offset the store remembers
+        for recovery is written once per partition when the broker has acknowledged the
+        batch. Faust flushes the producer before it commits input offsets, so a batch's
+        events are committed only after its state is durable. The table stores raw bytes
+        (see `pipeline/app.py`), so store and changelog hold the same bytes."""
+        if not changed:
+            return
+        table = self.streams.state
+        topic = table.changelog_topic.get_topic_name()  # public: Topic.get_topic_name()
+        producer = self.streams.app.producer
+        records = [(user.encode(), state.encode(), source[user]) for user, state in changed.items()]
+        self.store.write(records, bind)
+        pending = [await producer.send(topic, key, value, event.message.partition, None, None)
+                   for key, value, event in records]
+
+        def persisted(done: asyncio.Future) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return  # the producer reports send errors itself; recovery then reads more
+            last: dict[int, int] = {}
+            for meta in done.result():
+                last[meta.partition] = max(meta.offset, last.get(meta.partition, -1))
+            for partition, offset in last.items():
+                internals.set_persisted_offset(table, partition, offset)
+
+        asyncio.gather(*pending).add_done_callback(persisted)
+
+    def _lag(self, last_offsets: dict) -> None:
+        for tp, waiting in records_after(self.streams.app.consumer, last_offsets).items():
+            self.metrics.lag.labels(str(tp.partition)).set(waiting)
