@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass
 
 import faust
 
+from pipeline import security
 from pipeline.config import Settings
 from pipeline.faust_internals import hold_flow_until_seek, limit_fetch_wait, set_producer_buffer
 
@@ -23,27 +23,13 @@ class Streams:
     state: faust.Table
 
 
-def _credentials(settings: Settings):
-    if settings.security_protocol == "PLAINTEXT":
-        return None
-    context = ssl.create_default_context(cafile=settings.ssl_cafile or None)
-    if settings.security_protocol == "SSL":
-        return faust.SSLCredentials(context)
-    return faust.SASLCredentials(
-        username=settings.sasl_username,
-        password=settings.sasl_password,
-        mechanism=settings.sasl_mechanism,
-        ssl_context=context if settings.security_protocol == "SASL_SSL" else None,
-    )
-
-
 def create_app(settings: Settings) -> Streams:
     limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
     store = "memory://" if settings.store == "memory" else "rocksdb://"
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap_servers}",
-        broker_credentials=_credentials(settings),
+        broker_credentials=security.faust_credentials(settings),
         store=store,
         datadir=str(settings.var_path / "faust"),
         topic_partitions=settings.partitions,

@@ -15,6 +15,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from models.data import read_sessions
 from models.errors import BrokerError
 from models.events import Event
+from pipeline import security
 from pipeline.config import Settings
 from pipeline.records import encode_event
 
@@ -22,14 +23,18 @@ log = logging.getLogger(__name__)
 
 
 def _common(settings: Settings) -> dict:
-    return {"bootstrap_servers": settings.bootstrap_servers, **settings.kafka_python_security()}
+    return {"bootstrap_servers": settings.bootstrap_servers, **security.kafka_python(settings)}
+
+
+def _no_broker(settings: Settings) -> BrokerError:
+    return BrokerError(f"kafka: no broker answers at {settings.bootstrap_servers}; run `recur kafka start`")
 
 
 def admin(settings: Settings) -> KafkaAdminClient:
     try:
         return KafkaAdminClient(**_common(settings), request_timeout_ms=15000)
     except KafkaError:
-        raise BrokerError(f"kafka: no broker answers at {settings.bootstrap_servers}; run `recur kafka start`") from None
+        raise _no_broker(settings) from None
 
 
 def create_topics(settings: Settings) -> list[str]:
@@ -68,7 +73,7 @@ def producer(settings: Settings) -> KafkaProducer:
         return KafkaProducer(**_common(settings), acks="all", linger_ms=5, enable_idempotence=True,
                              batch_size=256 * 1024)
     except KafkaError:
-        raise BrokerError(f"kafka: no broker answers at {settings.bootstrap_servers}; run `recur kafka start`") from None
+        raise _no_broker(settings) from None
 
 
 def produce_events(
@@ -123,7 +128,7 @@ def reader(settings: Settings, group_id: str | None = None) -> KafkaConsumer:
     try:
         return KafkaConsumer(**_common(settings), group_id=group_id, enable_auto_commit=False)
     except KafkaError:
-        raise BrokerError(f"kafka: no broker answers at {settings.bootstrap_servers}; run `recur kafka start`") from None
+        raise _no_broker(settings) from None
 
 
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
@@ -155,7 +160,7 @@ def consume(
             consumer_timeout_ms=int(timeout_s * 1000),
         )
     except KafkaError:
-        raise BrokerError(f"kafka: no broker answers at {settings.bootstrap_servers}; run `recur kafka start`") from None
+        raise _no_broker(settings) from None
     if start_offsets is not None:
         parts = [TopicPartition(topic, p) for p in sorted(start_offsets)]
         consumer.assign(parts)

@@ -87,19 +87,6 @@ class Settings:
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser()
 
-    def kafka_python_security(self) -> dict[str, Any]:
-        """Security options in kafka-python's spelling."""
-        out: dict[str, Any] = {"security_protocol": self.security_protocol}
-        if self.security_protocol.startswith("SASL"):
-            out.update(
-                sasl_mechanism=self.sasl_mechanism,
-                sasl_plain_username=self.sasl_username,
-                sasl_plain_password=self.sasl_password,
-            )
-        if self.ssl_cafile:
-            out["ssl_cafile"] = self.ssl_cafile
-        return out
-
     def to_env(self) -> dict[str, str]:
         """Every setting as a RECUR_* variable: how a child process (a worker started by the
         demo or a benchmark) gets exactly these settings. Inverse of `load_settings`."""

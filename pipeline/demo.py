@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 
 from models.artifacts import current_version
+from pipeline import worker_process
 from pipeline.clients import consume, create_topics, end_offsets, produce_events, shift_to_now
 from pipeline.config import Settings
 from pipeline.kafka_local import start_if_needed
@@ -27,6 +27,12 @@ from pipeline.kafka_local import start_if_needed
 
 def _say(line: str) -> None:
     print(f"[demo] {line}", flush=True)
+
+
+def _stop(worker: subprocess.Popen | None) -> None:
+    if worker is not None and worker.poll() is None:
+        code = worker_process.stop(worker)
+        _say(f"worker stopped (exit {code})" if code is not None else "worker did not stop within 60s; killed")
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -64,10 +70,7 @@ def run_demo(user_settings: Settings, n_events: int) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         worker_settings = dataclasses.replace(settings, bootstrap=settings.bootstrap_servers,
                                               var_dir=str(settings.var_path / "demo"))
-        env = {**os.environ, **worker_settings.to_env()}
-        with open(log_path, "wb") as log_file:
-            worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env,
-                                      stdout=log_file, stderr=subprocess.STDOUT)
+        worker = worker_process.start(worker_settings, log_path)
         _say(f"worker started (pid {worker.pid}, log {log_path})")
         start = end_offsets(settings, settings.recommendations_topic)
         from models.synthetic import SyntheticConfig, generate
@@ -91,14 +94,7 @@ def run_demo(user_settings: Settings, n_events: int) -> int:
             return 1
         return 0 if got == n else 1
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                code = worker.wait(60)
-                _say(f"worker stopped (exit {code})")
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                _say("worker did not stop within 60s; killed")
+        _stop(worker)
         if broker is not None:
             _say(broker.stop())
 
@@ -127,9 +123,7 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
         _say(line)
         create_topics(settings)
         home.mkdir(parents=True, exist_ok=True)
-        with open(home / "worker.log", "wb") as log_file:
-            worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env,
-                                      stdout=log_file, stderr=subprocess.STDOUT)
+        worker = worker_process.start(worker_settings, home / "worker.log")
         _say(f"1. worker started cold (empty registry {settings.models_dir}), snapshots every 2s to {settings.snapshot_dir}")
         lists: dict[str, list[str]] = {}
         start = end_offsets(settings, settings.recommendations_topic)
@@ -165,11 +159,6 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
         _say(f"6. snapshots: {len(listing.files)} files, {listing.distinct_events} events (recur snapshots ls --dir {settings.snapshot_dir})")
         return 0 if warm >= 2 * cold and versions == {version} else 1
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                _say(f"worker stopped (exit {worker.wait(60)})")
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        _stop(worker)
         if broker is not None:
             _say(broker.stop())

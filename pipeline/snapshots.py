@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
 from models.errors import BadRecord
+from pipeline import security
 from pipeline.records import decode_event
 from pipeline.snapshot_files import Buffer, remove_uncommitted, write_snapshot
 
@@ -54,18 +55,6 @@ class SnapshotConsumer:
         self.consumer: AIOKafkaConsumer | None = None
         self.stopping = False
         self.done: asyncio.Event | None = None  # set when run() has flushed and closed
-
-    def _client_options(self) -> dict:
-        s = self.settings
-        opts = {"bootstrap_servers": s.bootstrap_servers, "security_protocol": s.security_protocol}
-        if s.security_protocol.startswith("SASL"):
-            opts.update(sasl_mechanism=s.sasl_mechanism, sasl_plain_username=s.sasl_username,
-                        sasl_plain_password=s.sasl_password)
-        if s.security_protocol in ("SSL", "SASL_SSL"):
-            import ssl
-
-            opts["ssl_context"] = ssl.create_default_context(cafile=s.ssl_cafile or None)
-        return opts
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Before an assigned partition is read: where reading starts (the committed offset, or
@@ -119,7 +108,7 @@ class SnapshotConsumer:
         s = self.settings
         self.consumer = AIOKafkaConsumer(group_id=snapshot_group(s.app_id), enable_auto_commit=False,
                                          auto_offset_reset="earliest", fetch_min_bytes=SNAPSHOT_FETCH_MIN_BYTES,
-                                         fetch_max_wait_ms=SNAPSHOT_FETCH_WAIT_MS, **self._client_options())
+                                         fetch_max_wait_ms=SNAPSHOT_FETCH_WAIT_MS, **security.aiokafka(s))
         self.consumer.subscribe([s.events_topic], listener=OnRebalance())
         await self.consumer.start()
         last_flush = time.monotonic()

@@ -10,6 +10,7 @@ import time
 import torch
 
 from models.lstm import ModelConfig, RecurrentRecommender
+from pipeline import worker_process
 from pipeline.bench.loads import _faust_floor, _passthrough, _preload
 
 
@@ -90,9 +91,6 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
     import json
     import os
     import shutil
-    import signal
-    import subprocess
-    import sys
     import tempfile
 
     from models.artifacts import save_artifact
@@ -123,12 +121,9 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
         save_artifact(registry, model, Vocabulary([f"i{n}" for n in range(n_items)]), {"source": "bench"}, publish=True)
         worker_settings = dataclasses.replace(settings, bootstrap=settings.bootstrap_servers, models_dir=registry,
                                               var_dir=registry, metrics_port=0, log_level="warning")
-        env = {**os.environ, **worker_settings.to_env()}
         say("(b) recur worker on the same topic")
-        log_file = open(os.path.join(registry, "worker.log"), "wb")
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=log_file,
-                                  stderr=subprocess.STDOUT)
-        span = _emission_span(settings, settings.recommendations_topic, n_events, 120.0, worker, log_file.name)
+        worker = worker_process.start(worker_settings, os.path.join(registry, "worker.log"))
+        span = _emission_span(settings, settings.recommendations_topic, n_events, 120.0, worker, str(worker.log_path))
         worker_eps = n_events / span
         say(f"    {worker_eps:.0f} events/s")
         rate = worker_eps / 2
@@ -182,18 +177,12 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
         if plot:
             _plot(result, timeline, plot)
             result["plot"] = plot
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(60)
-        log_file.close()
+        worker_process.stop(worker)
         shutil.rmtree(registry, ignore_errors=True)  # model, worker state and snapshots of this run (~70 MB)
         return result
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        if worker is not None:
+            worker_process.stop(worker)
         try:  # the run's topics (events, outputs, faust's changelog) hold ~100 MB a run
             say(f"deleted {len(delete_topics_with_prefix(settings, f'bench-{run}'))} topics of this run")
         except Exception as e:  # the numbers stand; say what was left behind

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from models.data import sessionize
 from models.events import Event
 from models.synthetic import SyntheticConfig, generate
 from models.train import TrainConfig, train
+from pipeline import worker_process
 from pipeline.clients import consume, create_topics
 from pipeline.config import Settings, load_settings
 
@@ -91,27 +90,21 @@ class Stack:
 
     def start_worker(self, name: str = "w", timeout: float = 90.0, **extra_env: str) -> subprocess.Popen:
         """Start `recur worker` as a subprocess; wait until faust says it is ready."""
-        log_path = self.workdir / f"worker-{name}-{len(self.workers)}.log"
         env = {**self.env, "RECUR_WEB_PORT": str(_free_port()), "RECUR_METRICS_PORT": str(_free_port()),
                "RECUR_VAR_DIR": str(self.workdir / f"var-{name}"), **extra_env}
-        log_file = open(log_path, "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT, cwd=self.workdir)
-        proc.log_path = log_path  # type: ignore[attr-defined]
-        proc.metrics_port = int(env["RECUR_METRICS_PORT"])  # type: ignore[attr-defined]
+        settings = load_settings({k: v for k, v in env.items() if k.startswith("RECUR_")})
+        proc = worker_process.start(settings, self.workdir / f"worker-{name}-{len(self.workers)}.log",
+                                    env={"PYTHONUNBUFFERED": "1"}, cwd=self.workdir)
+        proc.metrics_port = settings.metrics_port  # type: ignore[attr-defined]
         self.workers.append(proc)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if b"Worker]: Ready" in log_path.read_bytes():
-                return proc
-            time.sleep(0.3)
-        raise AssertionError(f"worker not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
+        try:
+            worker_process.wait_ready(proc, timeout)
+        except RuntimeError as e:
+            raise AssertionError(str(e)) from None
+        return proc
 
-    def stop_worker(self, proc: subprocess.Popen, timeout: float = 60.0) -> int:
-        proc.send_signal(signal.SIGTERM)
-        return proc.wait(timeout)
+    def stop_worker(self, proc: subprocess.Popen, timeout: float = 60.0) -> int | None:
+        return worker_process.stop(proc, timeout)
 
     def recommendations(self, expected: int, timeout: float = 60.0) -> list[tuple[bytes, dict]]:
         """Read the recommendations topic from the start until `expected` records or a quiet `timeout`."""

@@ -23,8 +23,15 @@ def test_invalid_values_are_named():
 def test_secrets_are_masked_and_passed_to_clients():
     s = load_settings({"RECUR_SECURITY_PROTOCOL": "SASL_SSL", "RECUR_SASL_USERNAME": "u", "RECUR_SASL_PASSWORD": "p"})
     assert s.public()["sasl_password"] == "***"
-    opts = s.kafka_python_security()
+    from pipeline import security
+
+    opts = security.kafka_python(s)
     assert opts["security_protocol"] == "SASL_SSL" and opts["sasl_plain_password"] == "p"
+    opts = security.aiokafka(s)
+    assert opts["sasl_plain_username"] == "u" and opts["ssl_context"] is not None
+    creds = security.faust_credentials(s)
+    assert (creds.username, creds.password, creds.ssl_context is not None) == ("u", "p", True)
+    assert security.faust_credentials(load_settings({})) is None and "ssl_context" not in security.aiokafka(load_settings({}))
 
 
 def test_settings_hand_over_to_a_child_process_unchanged():

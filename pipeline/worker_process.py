@@ -1,0 +1,52 @@
+"""`recur worker` as a child process: how the demo, the benchmarks and the tests run a worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import Settings
+
+READY = b"Worker]: Ready"  # faust's line once the worker consumes
+
+
+def start(settings: Settings, log_path: str | Path, env: dict[str, str] | None = None,
+          cwd: str | Path | None = None) -> subprocess.Popen:
+    """Start a worker with exactly `settings` (passed as RECUR_* variables; `env` on top), its
+    output to `log_path`. The process's `log_path` attribute names the log."""
+    full_env = {**os.environ, **settings.to_env(), **(env or {})}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=full_env, stdout=log_file,
+                                stderr=subprocess.STDOUT, cwd=cwd)
+    proc.log_path = Path(log_path)  # type: ignore[attr-defined]
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    """Wait until the worker says it is ready; raise with the log's end if it exits or takes too long."""
+    log_path: Path = proc.log_path  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        if READY in log_path.read_bytes():
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"worker not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60.0) -> int | None:
+    """SIGTERM (the worker flushes and commits), wait; kill it after `timeout`. -> exit code, None if killed."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        return None
