@@ -153,7 +153,7 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
         warm, _ = online_hit_rate(events, lists, {e.event_id for e in after})
         _say(f"5. streamed {len(after)} more events with model {sorted(versions)}; hit rate {warm:.3f} "
              f"({warm / max(cold, 1e-9):.1f}x the cold start)")
-        from pipeline.snapshot_files import list_files
+        from pipeline.snapshot_tools import list_files
 
         listing = list_files(settings.snapshot_dir)
         _say(f"6. snapshots: {len(listing.files)} files, {listing.distinct_events} events (recur snapshots ls --dir {settings.snapshot_dir})")

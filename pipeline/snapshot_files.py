@@ -119,7 +119,7 @@ def open_root(root: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(path)
 
 
-def _hour_dir(ts_ms: int) -> str:
+def hour_dir(ts_ms: int) -> str:
     return _hour_dir_of(ts_ms // HOUR_MS)
 
 
@@ -190,10 +190,10 @@ def write_atomic(filesystem: pafs.FileSystem, path: str, table: pa.Table) -> int
     return filesystem.get_file_info(path).size
 
 
-def _write_events(filesystem: pafs.FileSystem, base: str, hour_dir: str, flat: pa.Table, now_ms: int) -> tuple[str, int, int]:
+def write_events(filesystem: pafs.FileSystem, base: str, folder: str, flat: pa.Table, now_ms: int) -> tuple[str, int, int]:
     """Events of one partition and hour -> one file named by their offsets; -> (relative path, rows, bytes)."""
     bounds = pc.min_max(flat["offset"])
-    rel = f"{hour_dir}/{file_name(flat['partition'][0].as_py(), bounds['min'].as_py(), bounds['max'].as_py())}"
+    rel = f"{folder}/{file_name(flat['partition'][0].as_py(), bounds['min'].as_py(), bounds['max'].as_py())}"
     table = to_table(flat, now_ms)
     return rel, table.num_rows, write_atomic(filesystem, f"{base}/{rel}", table)
 
@@ -211,18 +211,18 @@ def write_snapshot(root: str, events: Buffer) -> list[tuple[str, int, int]]:
     keys = flat.group_by(["partition", "hour"], use_threads=False).aggregate([])
     for part, hour in zip(keys["partition"].to_pylist(), keys["hour"].to_pylist(), strict=True):
         group = flat.filter(pc.and_(pc.equal(flat["partition"], part), pc.equal(flat["hour"], hour)))
-        written.append(_write_events(filesystem, base, _hour_dir_of(hour), group.drop_columns(["hour"]), now_ms))
+        written.append(write_events(filesystem, base, _hour_dir_of(hour), group.drop_columns(["hour"]), now_ms))
     return written
 
 
-def _entries(filesystem: pafs.FileSystem, base: str) -> list[tuple[str, pafs.FileInfo]]:
+def entries(filesystem: pafs.FileSystem, base: str) -> list[tuple[str, pafs.FileInfo]]:
     """(path relative to the root, info) of every file under the root, sorted."""
     infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     return sorted(((i.path[len(base):].lstrip("/"), i) for i in infos if i.type == pafs.FileType.File),
                   key=lambda e: e[0])
 
 
-def _is_snapshot(rel: str) -> bool:
+def is_snapshot(rel: str) -> bool:
     return rel.endswith(".parquet") and not any(p.startswith((".", "_")) for p in rel.split("/"))
 
 
@@ -240,7 +240,7 @@ def remove_uncommitted(root: str, positions: dict[int, int]) -> Cleanup:
     partitions are read (they are then written again), by the consumer that owns them."""
     filesystem, base = open_root(root)
     done = Cleanup()
-    for rel, info in _entries(filesystem, base):
+    for rel, info in entries(filesystem, base):
         folder, name = rel.rsplit("/", 1) if "/" in rel else ("", rel)
         tmp = TEMPORARY.match(name)
         if tmp and int(tmp.group(2)) in positions:
@@ -248,7 +248,7 @@ def remove_uncommitted(root: str, positions: dict[int, int]) -> Cleanup:
             done.temporary_removed += 1
             continue
         match = NAME.match(name)
-        if not match or not _is_snapshot(rel) or int(match.group(1)) not in positions:
+        if not match or not is_snapshot(rel) or int(match.group(1)) not in positions:
             continue
         part, first, last = (int(g) for g in match.groups())
         position = positions[part]
@@ -258,7 +258,7 @@ def remove_uncommitted(root: str, positions: dict[int, int]) -> Cleanup:
         keep = flat.filter(pc.less(flat["offset"], position))
         done.events_removed += flat.num_rows - keep.num_rows
         if keep.num_rows:  # a compacted file can hold both: keep what is committed
-            new_rel, _, _ = _write_events(filesystem, base, folder, keep, int(time.time() * 1000))
+            new_rel, _, _ = write_events(filesystem, base, folder, keep, int(time.time() * 1000))
             done.files_trimmed += 1
             if new_rel == rel:
                 continue
@@ -304,8 +304,8 @@ def recent_items(root: str, n: int) -> list[str]:
     rebuilds the cold-start trending window after a restart. Reads the newest hours only."""
     filesystem, base = open_root(root)
     by_hour: dict[str, list[str]] = defaultdict(list)
-    for rel, info in _entries(filesystem, base):
-        if _is_snapshot(rel) and "/" in rel:
+    for rel, info in entries(filesystem, base):
+        if is_snapshot(rel) and "/" in rel:
             by_hour[rel.rsplit("/", 1)[0]].append(info.path)
     flat = None
     for hour in sorted(by_hour, reverse=True):
@@ -317,76 +317,3 @@ def recent_items(root: str, n: int) -> list[str]:
         return []
     flat = flat.sort_by([("timestamp_ms", "ascending"), ("partition", "ascending"), ("offset", "ascending")])
     return flat["item_id"].to_pylist()[-n:] if n else []
-
-
-@dataclass
-class FileInfo:
-    path: str  # relative to the root
-    rows: int
-    users: int
-    events: int  # events in this file
-    first_ms: int
-    last_ms: int
-    size: int
-
-
-@dataclass
-class Listing:
-    files: list[FileInfo]
-    distinct_events: int  # over all files: each (partition, offset) once
-    temporary_files: int
-
-
-def list_files(root: str) -> Listing:
-    """Every snapshot file under `root`, and the distinct events over all of them."""
-    filesystem, base = open_root(root)
-    out, keys, temporary = [], [], 0
-    for rel, info in _entries(filesystem, base):
-        if TEMPORARY.match(rel.rsplit("/", 1)[-1]):
-            temporary += 1
-        if not _is_snapshot(rel):
-            continue
-        table = pq.read_table(info.path, filesystem=filesystem, columns=["user_id", "partition", "offsets", "timestamps_ms"])
-        times = pc.list_flatten(table["timestamps_ms"])
-        out.append(FileInfo(rel, table.num_rows, len(pc.unique(table["user_id"])), len(times),
-                            pc.min(times).as_py() or 0, pc.max(times).as_py() or 0, info.size))
-        parents = pc.list_parent_indices(table["offsets"])
-        keys.append(pa.table({"partition": pc.take(table["partition"], parents),
-                              "offset": pc.list_flatten(table["offsets"])}))
-    distinct = 0
-    if keys:
-        distinct = pa.concat_tables(keys).group_by(["partition", "offset"], use_threads=False).aggregate([]).num_rows
-    return Listing(out, distinct, temporary)
-
-
-def compact(root: str, before_ms: int | None = None) -> list[tuple[str, int]]:
-    """Merge the files of each partition within each past hour into one file, each event once
-    (copies left by versions before 0.2 are dropped), and remove stale temporary files.
-
-    The merged file is written atomically before the small ones are removed; a crash in between
-    leaves copies that the next `compact` (and every reader of recur) drops. -> [(new file, merged)]
-    """
-    filesystem, base = open_root(root)
-    now = time.time()
-    now_hour = _hour_dir(int(now * 1000) if before_ms is None else before_ms)
-    groups: dict[tuple[str, int], list[str]] = defaultdict(list)
-    for rel, info in _entries(filesystem, base):
-        name = rel.rsplit("/", 1)[-1]
-        if TEMPORARY.match(name) and info.mtime is not None and now - info.mtime.timestamp() > STALE_TEMPORARY_SECONDS:
-            filesystem.delete_file(info.path)
-            continue
-        match = NAME.match(name)
-        if match and _is_snapshot(rel) and "/" in rel and rel.rsplit("/", 1)[0] < now_hour:
-            groups[(rel.rsplit("/", 1)[0], int(match.group(1)))].append(rel)
-    merged = []
-    for (hour_dir, _part), paths in sorted(groups.items()):
-        if len(paths) < 2:
-            continue
-        flat = distinct_events(flatten(pa.concat_tables(
-            [pq.read_table(f"{base}/{p}", filesystem=filesystem) for p in paths])))
-        target, _, _ = _write_events(filesystem, base, hour_dir, flat, int(time.time() * 1000))
-        for p in paths:
-            if p != target:
-                filesystem.delete_file(f"{base}/{p}")
-        merged.append((target, len(paths)))
-    return merged

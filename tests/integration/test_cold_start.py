@@ -9,7 +9,7 @@ from collections import Counter
 from models.events import Event
 from models.synthetic import SyntheticConfig, generate
 from pipeline.clients import produce_events, shift_to_now
-from pipeline.snapshot_files import list_files
+from pipeline.snapshot_tools import list_files
 
 from .conftest import Watcher, scrape
 

@@ -14,7 +14,8 @@ from models.evaluate import evaluate_model, evaluate_scorer, online_hit_rate
 from models.synthetic import SyntheticConfig, generate
 from models.train import TrainConfig, train
 from pipeline.clients import produce_events, shift_to_now
-from pipeline.snapshot_files import list_files, read_events, read_sessions
+from pipeline.snapshot_files import read_events, read_sessions
+from pipeline.snapshot_tools import list_files
 
 from .conftest import Watcher, wait_for_metric
 

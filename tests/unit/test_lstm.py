@@ -80,7 +80,7 @@ def test_bad_config_and_device():
 
 @pytest.mark.parametrize("B,V", [(1, 20000), (17, 20011), (64, 5000), (3, 100)])
 def test_fast_top_k_returns_exactly_torch_topk(B, V):
-    from models.lstm import top_k
+    from models.topk import top_k
 
     torch.manual_seed(V)
     scores = torch.randn(B, V)
@@ -92,7 +92,7 @@ def test_fast_top_k_returns_exactly_torch_topk(B, V):
 
 @pytest.mark.parametrize("B,rows", [(600, 256), (37, 16), (5, None)])
 def test_blockwise_score_top_k_equals_scoring_everything_then_topk(B, rows):
-    from models.lstm import score_top_k
+    from models.topk import score_top_k
 
     torch.manual_seed(B)
     model = RecurrentRecommender(ModelConfig(n_items=3001, embedding_dim=16, hidden_dim=16)).eval()

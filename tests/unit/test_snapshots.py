@@ -9,8 +9,6 @@ from pipeline.cli import main
 from pipeline.snapshot_files import (
     SCHEMA,
     Buffer,
-    compact,
-    list_files,
     read_events,
     read_sessions,
     recent_items,
@@ -18,6 +16,7 @@ from pipeline.snapshot_files import (
     to_table,
     write_snapshot,
 )
+from pipeline.snapshot_tools import compact, list_files
 
 HOUR = 3_600_000
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR  # start of an hour

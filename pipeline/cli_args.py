@@ -1,0 +1,113 @@
+"""The `recur` command's arguments: every subcommand and flag (the commands: `pipeline/cli.py`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pipeline.config import ENV_PREFIX, Settings
+
+_DEFAULTS = Settings()
+COMPUTED_DEFAULTS = {"bootstrap": "the local broker", "models_dir": "<var_dir>/models"}  # settings whose "" means these
+
+
+def setting_flag(p: argparse.ArgumentParser, flag: str, text: str, **kwargs: Any) -> None:
+    """A flag that overrides a setting (`--max-wait` -> `max_wait`); its help shows the setting's
+    default, taken from `Settings`, so that the two cannot drift apart."""
+    name = flag[2:].replace("-", "_")
+    default = COMPUTED_DEFAULTS.get(name) or getattr(_DEFAULTS, name)
+    p.add_argument(flag, help=f"{text} (default {default}; env {ENV_PREFIX}{name.upper()})", **kwargs)
+
+
+def _broker_flags(p: argparse.ArgumentParser) -> None:
+    setting_flag(p, "--bootstrap", "existing broker host:port")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recur", description="Streaming LSTM recommender on Kafka.")
+    setting_flag(parser, "--log-level", "log level", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the effective settings")
+
+    p = sub.add_parser("kafka", help="the local single-node Kafka")
+    p.add_argument("action", choices=["start", "stop", "status"])
+
+    p = sub.add_parser("topics", help="create the topics")
+    p.add_argument("action", choices=["create"])
+    setting_flag(p, "--partitions", "partitions per topic", type=int)
+    _broker_flags(p)
+
+    p = sub.add_parser("worker", help="run the streaming worker")
+    _broker_flags(p)
+    setting_flag(p, "--store", "table store", choices=["rocksdb", "memory"])
+    setting_flag(p, "--device", "auto, cpu or cuda")
+    setting_flag(p, "--max-batch", "events per batch at most", type=int)
+    setting_flag(p, "--max-wait", "seconds to wait for more events once one is there", type=float)
+    setting_flag(p, "--metrics-port", "prometheus port, 0 = off", type=int)
+    setting_flag(p, "--web-port", "faust web port on 127.0.0.1", type=int)
+    setting_flag(p, "--models-dir", "model registry")
+    setting_flag(p, "--k", "items per recommendation", type=int)
+
+    p = sub.add_parser("produce", help="publish events")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic events")
+    src.add_argument("--file", metavar="PATH", help="a jsonl or session-tsv file")
+    p.add_argument("--format", choices=["jsonl", "session-tsv"], help="format of --file")
+    p.add_argument("--users", type=int, default=500, help="synthetic users (default 500)")
+    p.add_argument("--items", type=int, default=1000, help="synthetic catalog size (default 1000)")
+    p.add_argument("--seed", type=int, default=7, help="synthetic seed (default 7)")
+    p.add_argument("--limit", type=int, help="publish at most this many events")
+    p.add_argument("--now", action="store_true", help="shift file timestamps so the last event is now")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _broker_flags(p)
+
+    p = sub.add_parser("consume", help="print recommendations as JSON lines")
+    p.add_argument("--max", type=int, default=0, help="stop after N records (default: no limit)")
+    p.add_argument("--timeout", type=float, default=10.0, help="stop after S seconds without a record (default 10)")
+    p.add_argument("--topic", help="topic (default: the recommendations topic)")
+    p.add_argument("--latest", action="store_true", help="only records that arrive from now on")
+    _broker_flags(p)
+
+    from pipeline.offline import add_evaluate_args, add_train_args
+
+    p = sub.add_parser("train", help="train a model and store it in the registry")
+    add_train_args(p)
+
+    p = sub.add_parser("evaluate", help="next-event evaluation of a model or a baseline")
+    add_evaluate_args(p)
+
+    p = sub.add_parser("model", help="the model registry")
+    p.add_argument("action", choices=["ls", "publish"])
+    p.add_argument("version", nargs="?", help="version to publish")
+    setting_flag(p, "--models-dir", "model registry")
+
+    p = sub.add_parser("snapshots", help="the Parquet snapshots the worker writes")
+    p.add_argument("action", choices=["ls", "compact"])
+    p.add_argument("--dir", help="snapshot folder or URI (default var/snapshots)")
+
+    p = sub.add_parser("bench", help="benchmarks: the model step alone, or end to end through the broker")
+    p.add_argument("what", choices=["step", "e2e"])
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    setting_flag(p, "--device", "auto, cpu or cuda")
+    p.add_argument("--items", type=int, default=20000, help="catalog size (default 20000)")
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--hidden-dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=1, help="step: recurrent layers (default 1)")
+    p.add_argument("--users", type=int, default=None, help="users in state (step: 1000000, e2e: 100000)")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--batches", default="1,64,1024,4096", help="step: batch sizes")
+    p.add_argument("--seconds", type=float, default=2.0, help="step: seconds per batch size")
+    p.add_argument("--events", type=int, default=200000, help="e2e: pre-loaded events (default 200000)")
+    p.add_argument("--latency-seconds", type=float, default=20.0, help="e2e: seconds of paced load")
+    p.add_argument("--plot", default="bench-e2e.png", help="e2e: PNG of throughput and latency")
+    setting_flag(p, "--max-batch", "e2e: worker batch cap", type=int)
+    _broker_flags(p)
+
+    p = sub.add_parser("demo", help="run the whole path end to end on synthetic events")
+    p.add_argument("--events", type=int, default=3000, help="synthetic events to stream (default 3000; 10000 with --loop)")
+    p.add_argument("--loop", action="store_true", help="the closed loop: cold start, snapshots, retrain, swap, hit rate")
+    _broker_flags(p)
+    return parser
+
+
