@@ -30,8 +30,9 @@ unit: install
 integration: install
 	$(PY) -m pytest tests/integration -q
 
-lint: install
+lint: install  ## ruff over everything, mypy over the two packages
 	$(VENV)/bin/ruff check pipeline models tests
+	$(VENV)/bin/mypy -p models -p pipeline
 
 kafka-start: install
 	$(RECUR) kafka start

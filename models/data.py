@@ -71,7 +71,7 @@ def _read_session_tsv(path: Path) -> list[Session]:
             except ValueError:
                 raise DataError(f"read session-tsv: {path} line {n}: Time is not a number") from None
             by_id[row[0]].append((ts, n, row[1]))
-    sessions = []
+    sessions: list[Session] = []
     for sid, rows in by_id.items():
         rows.sort()
         sessions.append(Session(sid, [r[2] for r in rows], [0] * len(rows), [r[0] for r in rows]))
@@ -79,7 +79,8 @@ def _read_session_tsv(path: Path) -> list[Session]:
 
 
 def _read_jsonl(path: Path) -> list[Event]:
-    events, bad = [], Counter()
+    events: list[Event] = []
+    bad: Counter[str] = Counter()
     now_ms = int(time.time() * 1000)
     with path.open() as f:
         for line in f:
@@ -101,7 +102,7 @@ def sessionize(events: Iterable[Event], gap_s: float = DEFAULT_SESSION_GAP_S) ->
     by_key: dict[str, list[Event]] = defaultdict(list)
     for e in events:
         by_key[e.session_id if e.session_id is not None else e.user_id].append(e)
-    sessions = []
+    sessions: list[Session] = []
     for key, evs in by_key.items():
         evs.sort(key=lambda e: e.timestamp_ms)
         current: Session | None = None

@@ -9,6 +9,7 @@ counted against the model: rank = number of items scoring >= the target.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 import torch
@@ -79,6 +80,7 @@ def evaluate_model(
         targets = torch.tensor([todo[s].items[p + 1] for s, p in slots], device=device)
         out = step(model, state, items, types)  # every item's score
         state = out.state
+        assert out.scores is not None
         metrics.add(ranks_of(out.scores, targets).cpu().numpy())
         if progress:
             progress(len(slots))
@@ -108,7 +110,8 @@ def evaluate_scorer(
     return metrics.result()
 
 
-def online_hit_rate(events: Sequence, lists: dict[str, list[str]], window: set[str] | None = None) -> tuple[float, int]:
+def online_hit_rate(events: Sequence, lists: dict[str, list[str]],
+                    window: AbstractSet[str | None] | None = None) -> tuple[float, int]:
     """Prequential quality of a stream: the share of events (with ids in `window`, or all)
     whose item was in the list the same user received after their previous event.
     `events` in stream order with `.event_id`, `.user_id`, `.item_id`; `lists`: event id -> items.

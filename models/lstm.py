@@ -180,12 +180,12 @@ def _unpack(config: ModelConfig, state: torch.Tensor):
     return h, c, ring, count
 
 
-def _pack(h, c, ring, count) -> torch.Tensor:
+def _pack(h: torch.Tensor, c: torch.Tensor | None, ring: torch.Tensor | None, count: torch.Tensor | None) -> torch.Tensor:
     B = h.size(1)
     parts = [h.transpose(0, 1).reshape(B, -1)]
     if c is not None:
         parts.append(c.transpose(0, 1).reshape(B, -1))
-    if ring is not None:
+    if ring is not None and count is not None:  # both or neither (attention_window > 0)
         parts += [ring.reshape(B, -1), count.unsqueeze(1)]
     return torch.cat(parts, dim=1)
 

@@ -114,6 +114,12 @@ class OnlineRecommender:
         self.version = artifact.version
         self.trending.fallback = artifact.vocab.items  # training popularity: cold lists fill up to K
 
+    @property
+    def live(self) -> RecurrentRecommender:
+        """The live model; only asked for when there is one."""
+        assert self.model is not None
+        return self.model
+
     def _fresh(self) -> UserState:
         size = self.model.config.state_size if self.model is not None else 0
         return UserState(self.version, -1, np.zeros(size, dtype=np.float16))
@@ -122,7 +128,7 @@ class OnlineRecommender:
         """Rebuild the recurrent state of `users` from their recent items, in one batch per position."""
         seqs = [[(self.vocab.get(i), t) for i, t in zip(u.recent_items, u.recent_types)] for u in users]
         seqs = [[(i, t) for i, t in s if i >= 0] for s in seqs]
-        state = init_state(self.model.config, len(users), self.device)
+        state = init_state(self.live.config, len(users), self.device)
         longest = max((len(s) for s in seqs), default=0)
         for pos in range(longest):
             rows = [r for r, s in enumerate(seqs) if pos < len(s)]
@@ -130,7 +136,7 @@ class OnlineRecommender:
             items = torch.tensor([seqs[r][pos][0] for r in rows], device=self.device)
             types = torch.tensor([seqs[r][pos][1] for r in rows], device=self.device)
             with torch.inference_mode():
-                new_rows = step(self.model, state[idx], items, types, score=False).state
+                new_rows = step(self.live, state[idx], items, types, score=False).state
             state[idx] = new_rows
         vectors = state.to(torch.float16).cpu().numpy()
         for u, vec in zip(users, vectors):
@@ -183,7 +189,8 @@ class OnlineRecommender:
         return Recommendation(ev.event.user_id, ev.event_id, st.last_recs, [0.0] * len(st.last_recs), "repeat",
                               self.version, ev.event.timestamp_ms)
 
-    def _round(self, members, events, current, recs, stats) -> None:
+    def _round(self, members: list[int], events: list[InputEvent], current: dict[str, UserState],
+               recs: list[Recommendation | None], stats: BatchStats) -> None:
         cfg = self.config
         known = []
         for n in members:
@@ -214,8 +221,9 @@ class OnlineRecommender:
             def mask(block: torch.Tensor, first: int) -> None:
                 self._mask(block, users[first : first + block.size(0)], items[first : first + block.size(0)])
 
-            out = step(self.model, state, items, types, k=min(cfg.k, self.model.config.n_items), mask=mask,
+            out = step(self.live, state, items, types, k=min(cfg.k, self.live.config.n_items), mask=mask,
                        buffer=self._score_buffer(len(known)))
+            assert out.top_scores is not None and out.top_items is not None
             new_state, top_scores, top_idx = out.state, out.top_scores, out.top_items
             new_vectors = new_state.to(torch.float16).cpu().numpy()
             finite = torch.isfinite(top_scores).cpu().numpy()  # masked items score -inf
@@ -244,7 +252,7 @@ class OnlineRecommender:
 
     def _score_buffer(self, rows: int) -> torch.Tensor:
         """A reusable (rows, V) buffer for scores (allocated once per model and batch size cap)."""
-        V = self.model.config.n_items
+        V = self.live.config.n_items
         buf = getattr(self, "_scores", None)
         if buf is None or buf.size(0) < rows or buf.size(1) != V or buf.device != self.device:
             buf = self._scores = torch.empty(max(rows, 64), V, device=self.device)

@@ -64,9 +64,9 @@ def generate(cfg: SyntheticConfig) -> list[Event]:
                 clicked.append(cur)
                 quota -= 1
                 t += rng.randrange(5_000, 90_000)
-                c, p = position[cur]
+                cat_of, place = position[cur]
                 if rng.random() < cfg.follow_rule:
-                    cur = cats[c][(p + 1) % len(cats[c])]
+                    cur = cats[cat_of][(place + 1) % len(cats[cat_of])]
                 else:
                     pc = rng.choice(prefs[u])
                     cur = rng.choices(cats[pc], weights=[weights[i] for i in cats[pc]])[0]

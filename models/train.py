@@ -70,7 +70,8 @@ class TrainResult:
         }
 
 
-def make_batches(sessions: Sequence[IndexedSession], batch_size: int, max_len: int, rng: random.Random):
+def make_batches(sessions: Sequence[IndexedSession], batch_size: int, max_len: int,
+                 rng: random.Random) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Windows of at most max_len+1 events, grouped by length into padded batches
     -> list of (items (B,T), types (B,T), targets (B,T) with -1 = no target)."""
     windows = []
@@ -179,7 +180,7 @@ def train(
                 on_progress({**row, "done": True})
             if not valid:
                 continue
-            score = row[cfg.metric]
+            score = float(row[cfg.metric])  # type: ignore[arg-type]
             if score > best_score:
                 best_score, best_state, stale = score, copy.deepcopy(model.state_dict()), 0
                 result.best = row

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 
 
 class Trending:
@@ -35,7 +36,7 @@ class Trending:
             self.add(item)
         return len(items)
 
-    def top(self, k: int, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
+    def top(self, k: int, exclude: AbstractSet[str] = frozenset()) -> list[tuple[str, float]]:
         """-> up to k (item, count) pairs, distinct, none in `exclude`; fallback items count 0."""
         ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         out = [(item, float(n)) for item, n in ranked if item not in exclude][:k]

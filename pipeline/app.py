@@ -20,7 +20,7 @@ class Streams:
     events: faust.TopicT
     recommendations: faust.TopicT
     dlq: faust.TopicT
-    state: faust.Table
+    state: faust.types.TableT
 
 
 def create_app(settings: Settings) -> Streams:

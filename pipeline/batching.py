@@ -88,7 +88,7 @@ async def batches(stream, max_batch: int, max_wait: float, backlog_wait: float =
             except asyncio.QueueEmpty:
                 left = deadline - loop.time()
                 if left <= 0:
-                    if asked or not behind(batch):
+                    if asked or behind is None or not behind(batch):
                         break
                     asked, deadline = True, first + backlog_wait  # asked once per batch
                     continue

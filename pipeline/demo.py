@@ -78,7 +78,8 @@ def run_demo(user_settings: Settings, n_events: int) -> int:
         events = shift_to_now(generate(SyntheticConfig(n_events=n_events, n_users=200, seed=11)))
         n = produce_events(settings, events)
         _say(f"produced {n} synthetic events for 200 users")
-        got, strategies, shown = 0, {}, 0
+        got, shown = 0, 0
+        strategies: dict[str, int] = {}
         for _key, value, _h in consume(settings, settings.recommendations_topic, n, 60.0, start_offsets=start):
             rec = json.loads(value)
             got += 1

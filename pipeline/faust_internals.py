@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import faust
 import faust.transport.drivers.aiokafka as faust_aiokafka
 from faust import streams as faust_streams
-from faust.types import TP, EventT
+from faust.types import TP, EventT, TableT
 
 
 # -- the consumer ---------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def hold_flow_until_seek(app: faust.App) -> None:
     stopping the flow there makes the fetcher wait for the seek. Relies on: that signal's place
     in recovery, `consumer.stop_flow()` and `flow_control.suspend()`."""
 
-    async def hold(sender, **kwargs) -> None:  # noqa: ANN001 - faust's signal signature
+    async def hold(sender: object, **kwargs: object) -> None:
         app.consumer.stop_flow()
         app.flow_control.suspend()
 
@@ -105,7 +105,7 @@ def take(app: faust.App, event: EventT) -> bool:
 
 
 # -- the table's RocksDB store --------------------------------------------------------------
-def raw_rocksdb(table: faust.Table) -> bool:
+def raw_rocksdb(table: TableT) -> bool:
     """True when the table's store is faust's RocksDB store on rocksdict and keeps keys and values
     as the bytes given. Relies on: `store.use_rocksdict`, `_db_for_partition`, `_encode_key`,
     `_encode_value`."""
@@ -114,23 +114,23 @@ def raw_rocksdb(table: faust.Table) -> bool:
             and store._encode_key(b"k") == b"k" and store._encode_value(b"v") == b"v")
 
 
-def partition_db(table: faust.Table, partition: int):  # noqa: ANN201 - a rocksdict.Rdict
+def partition_db(table: TableT, partition: int):  # noqa: ANN201 - a rocksdict.Rdict
     """The rocksdict database of one table partition (opened on first use)."""
     return table.data._db_for_partition(partition)
 
 
-def active_dbs(table: faust.Table) -> Iterator:
+def active_dbs(table: TableT) -> Iterator:
     """The rocksdict databases of the partitions this worker owns (not standbys). Relies on:
     `store._dbs_for_actives()`."""
     return table.data._dbs_for_actives()
 
 
-def offset_key(table: faust.Table) -> bytes:
+def offset_key(table: TableT) -> bytes:
     """The key under which faust keeps a partition's changelog offset in its database."""
     return table.data.offset_key
 
 
-def set_persisted_offset(table: faust.Table, partition: int, offset: int) -> None:
+def set_persisted_offset(table: TableT, partition: int, offset: int) -> None:
     """Record that the changelog holds everything up to `offset` for `partition` (recovery reads
     on from there). Relies on: `store.set_persisted_offset(TP, offset)`."""
     table.data.set_persisted_offset(TP(table.changelog_topic.get_topic_name(), partition), offset)

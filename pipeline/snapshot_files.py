@@ -70,6 +70,12 @@ class Buffer:
     lists of them cost it nothing however long they grow."""
 
     __slots__ = ("user_id", "partition", "offset", "item_id", "event_type", "timestamp_ms")
+    user_id: list[str]
+    partition: list[int]
+    offset: list[int]
+    item_id: list[str]
+    event_type: list[int]
+    timestamp_ms: list[int]
 
     def __init__(self) -> None:
         for column in self.__slots__:

@@ -56,13 +56,18 @@ class SnapshotConsumer:
         self.stopping = False
         self.done: asyncio.Event | None = None  # set when run() has flushed and closed
 
+    @property
+    def _consumer(self) -> AIOKafkaConsumer:
+        assert self.consumer is not None, "the snapshot consumer runs"
+        return self.consumer
+
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Before an assigned partition is read: where reading starts (the committed offset, or
         the log start when there is none), then remove what a crash left at or past it."""
         assigned = set(assigned)
-        committed = {tp: await self.consumer.committed(tp) for tp in assigned}
+        committed = {tp: await self._consumer.committed(tp) for tp in assigned}
         missing = [tp for tp, off in committed.items() if off is None]
-        starts = await self.consumer.beginning_offsets(missing) if missing else {}
+        starts = await self._consumer.beginning_offsets(missing) if missing else {}
         for tp in assigned:
             self.positions[tp] = committed[tp] if committed[tp] is not None else starts[tp]
         self.unclean |= assigned
@@ -152,7 +157,7 @@ class SnapshotConsumer:
             self.pending = batch
             self.unclean |= set(offsets)  # the files written before the failure go before the retry
             return
-        await self.consumer.commit(offsets)
+        await self._consumer.commit(offsets)
         self.positions.update(offsets)
         for tp, off in offsets.items():
             if self.offsets.get(tp) == off:

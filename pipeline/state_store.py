@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from itertools import islice
+from typing import Any
 
 from faust.types import EventT
 
@@ -54,7 +55,7 @@ class StateStore:
                 bind(event)
                 data[key] = value
             return
-        batches: dict[int, object] = {}
+        batches: dict[int, Any] = {}
         for key, value, event in items:
             partition = event.message.partition
             batch = batches.get(partition)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import Any
 
 import faust
 import torch
@@ -18,7 +19,7 @@ from models.artifacts import current_version, load_artifact
 from models.lstm import resolve_device
 from models.online import OnlineConfig, OnlineRecommender
 from pipeline.agents import register, register_users_gauge
-from pipeline.app import create_app
+from pipeline.app import Streams, create_app
 from pipeline.config import Settings
 from pipeline.handler import BatchHandler
 from pipeline.metrics import Metrics
@@ -29,7 +30,8 @@ from pipeline.snapshots import SnapshotConsumer
 log = logging.getLogger(__name__)
 
 
-def build(settings: Settings, registry: CollectorRegistry | None = None):
+def build(settings: Settings,
+          registry: CollectorRegistry | None = None) -> tuple[Streams, BatchHandler, SnapshotConsumer | None]:
     device = resolve_device(settings.device)
     if current_version(settings.models_path) is None:
         log.warning("worker: no model in %s yet: cold start, trending lists only, until one is published",
@@ -81,7 +83,7 @@ def _rebuild_trending(recommender: OnlineRecommender, settings: Settings) -> Non
 class RecurWorker(faust.Worker):
     """faust.Worker that stops the snapshot consumer (final write and commit) before the app."""
 
-    def __init__(self, app: faust.App, snapshots: SnapshotConsumer | None, **kwargs) -> None:
+    def __init__(self, app: faust.App, snapshots: SnapshotConsumer | None, **kwargs: Any) -> None:
         self.snapshots = snapshots
         super().__init__(app, **kwargs)
 

@@ -14,21 +14,29 @@ from pipeline.config import Settings
 READY = b"Worker]: Ready"  # faust's line once the worker consumes
 
 
+class WorkerProcess(subprocess.Popen):
+    """A running `recur worker`, with where its output goes."""
+
+    log_path: Path
+    metrics_port: int
+
+
 def start(settings: Settings, log_path: str | Path, env: dict[str, str] | None = None,
-          cwd: str | Path | None = None) -> subprocess.Popen:
+          cwd: str | Path | None = None) -> WorkerProcess:
     """Start a worker with exactly `settings` (passed as RECUR_* variables; `env` on top), its
-    output to `log_path`. The process's `log_path` attribute names the log."""
+    output to `log_path`."""
     full_env = {**os.environ, **settings.to_env(), **(env or {})}
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=full_env, stdout=log_file,
-                                stderr=subprocess.STDOUT, cwd=cwd)
-    proc.log_path = Path(log_path)  # type: ignore[attr-defined]
+        proc = WorkerProcess([sys.executable, "-m", "pipeline.cli", "worker"], env=full_env, stdout=log_file,
+                             stderr=subprocess.STDOUT, cwd=cwd)
+    proc.log_path = Path(log_path)
+    proc.metrics_port = settings.metrics_port
     return proc
 
 
-def wait_ready(proc: subprocess.Popen, timeout: float = 90.0) -> None:
+def wait_ready(proc: WorkerProcess, timeout: float = 90.0) -> None:
     """Wait until the worker says it is ready; raise with the log's end if it exits or takes too long."""
-    log_path: Path = proc.log_path  # type: ignore[attr-defined]
+    log_path = proc.log_path
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -6,12 +6,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
+from models.events import CLICK, Event
 from models.lstm import ModelConfig, RecurrentRecommender
 from pipeline import worker_process
 from pipeline.bench.loads import _faust_floor, _passthrough, _preload
+from pipeline.config import Settings
+from pipeline.records import encode_event
 
 
 def _emission_span(settings, topic: str, n_records: int, stall_s: float, worker, log_name: str) -> float:  # noqa: ANN001
@@ -84,8 +88,8 @@ def _wait_for_snapshots(settings, n_records: int, timeout_s: float) -> float | N
         commits.close(autocommit=False)
 
 
-def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding_dim: int, hidden_dim: int,
-                  latency_seconds: float, plot: str | None, say) -> dict:
+def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int, embedding_dim: int,
+                  hidden_dim: int, latency_seconds: float, plot: str | None, say: Callable[[str], None]) -> dict:
     import asyncio
     import dataclasses
     import json
@@ -141,17 +145,16 @@ def run_e2e_bench(settings, n_events: int, n_users: int, n_items: int, embedding
         while time.perf_counter() - t0 < latency_seconds:
             due = int((time.perf_counter() - t0) * rate)
             while sent < due:
-                user = f"u{sent % n_users}"
-                value = {"user_id": user, "item_id": f"i{sent % n_items}", "event_type": "click",
-                         "timestamp": int(time.time() * 1000), "event_id": f"lat{sent}"}
-                prod.send(settings.events_topic, key=user.encode(), value=json.dumps(value).encode())
+                key, value = encode_event(Event(f"u{sent % n_users}", f"i{sent % n_items}", CLICK,
+                                                int(time.time() * 1000), event_id=f"lat{sent}"))
+                prod.send(settings.events_topic, key=key, value=value)
                 sent += 1
             prod.flush()
             time.sleep(0.005)
         prod.close()
         timeline = []  # (ms since the first event, latency ms)
-        for _k, value, _h in consume(settings, settings.recommendations_topic, sent, 30.0, start_offsets=start):
-            rec = json.loads(value)
+        for _k, raw, _h in consume(settings, settings.recommendations_topic, sent, 30.0, start_offsets=start):
+            rec = json.loads(raw)
             timeline.append((rec["event_timestamp"], rec["emitted_at"] - rec["event_timestamp"]))
         first_ms = min((t for t, _ in timeline), default=0)
         timeline = sorted((t - first_ms, lat) for t, lat in timeline)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 
+from pipeline.config import Settings
 
-def _preload(settings, topic: str, n_events: int, n_users: int, n_items: int, seed: int = 1) -> None:
+
+def _preload(settings: Settings, topic: str, n_events: int, n_users: int, n_items: int, seed: int = 1) -> None:
     """n_events wire-format events keyed by user, Zipf-ish items, timestamps of now."""
     import random
 
@@ -47,6 +49,7 @@ async def _passthrough(bootstrap: str, topic: str, out_topic: str, n_events: int
             if n >= n_events:
                 break
         await producer.flush()
+        assert started is not None  # n_events > 0 were read
         return n / (time.perf_counter() - started)
     finally:
         await consumer.stop()
@@ -96,7 +99,7 @@ def faust_floor_main() -> None:
     app.main()
 
 
-def _faust_floor(settings, n_events: int, folder: str) -> float:
+def _faust_floor(settings: Settings, n_events: int, folder: str) -> float:
     import os
     import subprocess
     import sys

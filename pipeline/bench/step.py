@@ -58,13 +58,14 @@ class StepBench:
             out.append((users, items, types))
         return out
 
-    def step(self, users, items, types) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, users: torch.Tensor, items: torch.Tensor, types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.buffer.size(0) < users.numel():
             self.buffer = torch.empty(users.numel(), self.n_items, device=self.device)
         with torch.inference_mode():
             state = self.store[users].float()  # gather (B, S)
             out = step(self.model, state, items, types, k=self.k, buffer=self.buffer)  # the worker's step
             self.store[users] = out.state.to(torch.float16)  # scatter
+        assert out.top_scores is not None and out.top_items is not None
         return out.top_scores, out.top_items
 
     def score_only(self, batch: int) -> float:
@@ -112,7 +113,7 @@ def run_step_bench(device_name: str, n_items: int, embedding_dim: int, hidden_di
     bench = StepBench(n_items, embedding_dim, hidden_dim, layers, n_users, k, device)
     rates = bench.rates(batches, seconds)
     results = [{"batch": b, "events_per_s": round(rates[b], 1)} for b in batches]
-    by_batch = {r["batch"]: r["events_per_s"] for r in results}
+    by_batch = {b: round(rates[b], 1) for b in batches}
     gemm = gemm_flops(device)
     ref = 1024 if 1024 in by_batch else max(by_batch)
     score_s = bench.score_only(ref)

@@ -95,7 +95,6 @@ class Stack:
         settings = load_settings({k: v for k, v in env.items() if k.startswith("RECUR_")})
         proc = worker_process.start(settings, self.workdir / f"worker-{name}-{len(self.workers)}.log",
                                     env={"PYTHONUNBUFFERED": "1"}, cwd=self.workdir)
-        proc.metrics_port = settings.metrics_port  # type: ignore[attr-defined]
         self.workers.append(proc)
         try:
             worker_process.wait_ready(proc, timeout)
