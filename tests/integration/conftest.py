@@ -284,8 +284,8 @@ def expected_lists(artifact, events, k: int = 20, rewarm_at: dict | None = None)
             idx = artifact.vocab.get(e.item_id)
             if idx < 0:
                 continue
-            out = step(artifact.model, state, torch.tensor([idx]), torch.tensor([e.event_type]))
-            state, scores = out.state, out.scores
+            result = step(artifact.model, state, torch.tensor([idx]), torch.tensor([e.event_type]))
+            state, scores = result.state, result.scores
             if n + 1 >= first:
                 state = state.half().float()  # stored as float16 between batches
             if n >= first:
