@@ -28,7 +28,6 @@ import functools
 import os
 import re
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -303,23 +302,3 @@ def read_sessions(root: str | Path, session_gap_s: float = DEFAULT_SESSION_GAP_S
     sessions = sessionize(read_events(root), session_gap_s)
     sessions.sort(key=lambda s: (s.times[0], s.key))
     return sessions
-
-
-def recent_items(root: str, n: int) -> list[str]:
-    """The items of the newest `n` events in the snapshots (by event time), oldest first: what
-    rebuilds the cold-start trending window after a restart. Reads the newest hours only."""
-    filesystem, base = open_root(root)
-    by_hour: dict[str, list[str]] = defaultdict(list)
-    for rel, info in entries(filesystem, base):
-        if is_snapshot(rel) and "/" in rel:
-            by_hour[rel.rsplit("/", 1)[0]].append(info.path)
-    flat = None
-    for hour in sorted(by_hour, reverse=True):
-        tables = [flatten(pq.read_table(path, filesystem=filesystem)) for path in by_hour[hour]]
-        flat = distinct_events(pa.concat_tables(tables if flat is None else [flat, *tables]))
-        if flat.num_rows >= n:
-            break
-    if flat is None:
-        return []
-    flat = flat.sort_by([("timestamp_ms", "ascending"), ("partition", "ascending"), ("offset", "ascending")])
-    return flat["item_id"].to_pylist()[-n:] if n else []

@@ -1,5 +1,6 @@
-"""`recur snapshots ls` and `recur snapshots compact`: what is in the snapshot folder, and merging
-each past hour's small files (the files themselves: `pipeline/snapshot_files.py`)."""
+"""`recur snapshots ls` and `recur snapshots compact` (what is in the snapshot folder; merging each past
+hour's small files), and the newest events a restarted worker rebuilds trending from. The files
+themselves: `pipeline/snapshot_files.py`."""
 
 from __future__ import annotations
 
@@ -96,3 +97,23 @@ def compact(root: str, before_ms: int | None = None) -> list[tuple[str, int]]:
                 filesystem.delete_file(f"{base}/{p}")
         merged.append((target, len(paths)))
     return merged
+
+
+def recent_items(root: str, n: int) -> list[str]:
+    """The items of the newest `n` events in the snapshots (by event time), oldest first: what
+    rebuilds the cold-start trending window after a restart. Reads the newest hours only."""
+    filesystem, base = open_root(root)
+    by_hour: dict[str, list[str]] = defaultdict(list)
+    for rel, info in entries(filesystem, base):
+        if is_snapshot(rel) and "/" in rel:
+            by_hour[rel.rsplit("/", 1)[0]].append(info.path)
+    flat = None
+    for hour in sorted(by_hour, reverse=True):
+        tables = [flatten(pq.read_table(path, filesystem=filesystem)) for path in by_hour[hour]]
+        flat = distinct_events(pa.concat_tables(tables if flat is None else [flat, *tables]))
+        if flat.num_rows >= n:
+            break
+    if flat is None:
+        return []
+    flat = flat.sort_by([("timestamp_ms", "ascending"), ("partition", "ascending"), ("offset", "ascending")])
+    return flat["item_id"].to_pylist()[-n:] if n else []

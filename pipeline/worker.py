@@ -24,7 +24,7 @@ from pipeline.config import Settings
 from pipeline.handler import BatchHandler
 from pipeline.metrics import Metrics
 from pipeline.model_watch import register_model_watch
-from pipeline.snapshot_files import recent_items
+from pipeline.snapshot_tools import recent_items
 from pipeline.snapshots import SnapshotConsumer
 
 log = logging.getLogger(__name__)

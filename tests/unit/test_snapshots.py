@@ -11,12 +11,11 @@ from pipeline.snapshot_files import (
     Buffer,
     read_events,
     read_sessions,
-    recent_items,
     remove_uncommitted,
     to_table,
     write_snapshot,
 )
-from pipeline.snapshot_tools import compact, list_files
+from pipeline.snapshot_tools import compact, list_files, recent_items
 
 HOUR = 3_600_000
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR  # start of an hour
