@@ -62,27 +62,30 @@ class SnapshotConsumer:
         return self.consumer
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Before an assigned partition is read: where reading starts (the committed offset, or
-        the log start when there is none), then remove what a crash left at or past it."""
-        assigned = set(assigned)
-        committed = {tp: await self._consumer.committed(tp) for tp in assigned}
-        missing = [tp for tp, off in committed.items() if off is None]
-        starts = await self._consumer.beginning_offsets(missing) if missing else {}
-        for tp in assigned:
-            self.positions[tp] = committed[tp] if committed[tp] is not None else starts[tp]
-        self.unclean |= assigned
+        """Before an assigned partition is read, remove what a crash left of it (`clean`)."""
+        self.unclean |= set(assigned)
         await self.clean()
 
+    async def _positions(self, tps: set[TopicPartition]) -> None:
+        """Where a re-read of each partition starts: the committed offset, or the log start when none."""
+        committed = {tp: await self._consumer.committed(tp) for tp in tps}
+        missing = [tp for tp, off in committed.items() if off is None]
+        starts = await self._consumer.beginning_offsets(missing) if missing else {}
+        for tp, off in committed.items():
+            self.positions[tp] = off if off is not None else starts[tp]
+
     async def clean(self) -> bool:
-        """Remove the leftovers of the unclean partitions; -> False when that failed (retried
-        before the next write, which waits for it)."""
+        """Remove every event at or past each unclean partition's position, and its temporary
+        files; -> False when that failed: nothing is written until it works (the next flush retries;
+        aiokafka only logs an error raised in the assignment callback)."""
         if not self.unclean:
             return True
-        positions = {tp.partition: self.positions[tp] for tp in self.unclean}
         try:
+            await self._positions({tp for tp in self.unclean if tp not in self.positions})
+            positions = {tp.partition: self.positions[tp] for tp in self.unclean}
             done = await asyncio.get_running_loop().run_in_executor(
                 None, remove_uncommitted, self.settings.snapshot_root, positions)
-        except Exception as e:  # storage errors: nothing is written until this works
+        except Exception as e:  # broker or storage errors
             self.metrics.snapshot_failures.inc()
             log.error("snapshot: removing a crash's leftovers failed (%s); will retry", type(e).__name__)
             return False

@@ -240,3 +240,28 @@ def test_recent_items_are_the_newest_events_by_time_oldest_first(tmp_path):
     assert recent_items(str(tmp_path), 4) == ["old4", "new0", "new1", "new2"]
     assert recent_items(str(tmp_path), 100) == [f"old{n}" for n in range(5)] + ["new0", "new1", "new2"]
     assert recent_items(str(tmp_path / "none"), 10) == []
+
+
+def test_a_failed_position_lookup_holds_writes_until_the_leftovers_are_removed(tmp_path):
+    root = tmp_path / "snap"
+    write_snapshot(str(root), _buffer([_applied(0, off, "u", f"i{off}", T0 + off) for off in range(5)]))  # 2..4 uncommitted
+    snap = _snapshot_consumer(tmp_path, root)
+    answers = [RuntimeError("coordinator not available"), RuntimeError("still not"), 2]
+
+    async def committed(tp):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    snap.consumer.committed = committed
+    asyncio.run(snap.on_assigned({TP0}))  # aiokafka would only log an error raised here
+    for off in range(2, 5):  # read again from the committed offset
+        snap.pending.add(0, off, Event("u", f"i{off}", 0, T0 + off))
+    snap.offsets[TP0] = 5
+    asyncio.run(snap.flush())
+    assert snap.consumer.commits == [] and len(snap.pending) == 3  # nothing written over the leftovers
+    asyncio.run(snap.flush())
+    listing = list_files(str(root))
+    assert snap.consumer.commits == [{TP0: 5}]
+    assert sum(f.events for f in listing.files) == listing.distinct_events == 5  # each event in one file
