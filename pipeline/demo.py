@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -42,13 +41,7 @@ def demo_settings(settings: Settings) -> Settings:
     return dataclasses.replace(
         settings, app_id="recur-demo", events_topic="demo-events", recommendations_topic="demo-recommendations",
         dlq_topic="demo-events-dlq", models_dir=str(home / "models"), snapshot_dir=str(home / "snapshots"),
-        web_port=_free_port(), metrics_port=_free_port())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        web_port=worker_process.free_port(), metrics_port=worker_process.free_port())
 
 
 def run_demo(user_settings: Settings, n_events: int) -> int:

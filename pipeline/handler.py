@@ -39,7 +39,6 @@ class BatchHandler:
         self.recommender = recommender
         self.metrics = metrics
         self.settings = settings
-        self.pending: Artifact | None = None  # a checked model waiting to be swapped in
         self._store: StateStore | None = None  # made on first use: the table's store exists once the app runs
         self.coverage = ItemCoverage(metrics.known_items)
 
@@ -49,13 +48,11 @@ class BatchHandler:
             self._store = StateStore(self.streams.state)
         return self._store
 
-    def swap_model(self) -> None:
-        """Between batches: make a loaded and checked model the live one."""
-        if self.pending is None:
-            return
-        old, new = self.recommender.version, self.pending.version
-        self.recommender.use(self.pending)
-        self.pending = None
+    def swap_model(self, artifact: Artifact) -> None:
+        """Make a loaded and checked model the live one. Called on the event loop, so between two
+        batches: the step is synchronous and a batch never sees half a swap."""
+        old, new = self.recommender.version, artifact.version
+        self.recommender.use(artifact)
         self.coverage.reset()
         self.metrics.model.info({"version": new})
         self.metrics.model_swaps.inc()
@@ -74,7 +71,6 @@ class BatchHandler:
         written through the table (see `pipeline/state_store.py`): faust files a table write
         under the current event's partition, and for a batch there is none, so each user's
         write is bound to one of that user's events (same key, same partition)."""
-        self.swap_model()
         now_ms = int(time.time() * 1000)
         valid: list[InputEvent] = []
         source: dict[str, EventT] = {}

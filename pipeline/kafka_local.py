@@ -109,10 +109,10 @@ class LocalKafka:
         )
         return props
 
-    def _format(self, props: Path, cluster_id: str | None = None) -> None:
+    def _format(self, props: Path) -> None:
         if (self.data / "meta.properties").exists():
             return
-        cid = cluster_id or new_cluster_id()
+        cid = new_cluster_id()
         # `--cluster-id=<id>`, not `-t <id>`: a random id may begin with "-" (1 in 64), which the
         # storage tool's parser would take for an option
         proc = subprocess.run(

@@ -55,9 +55,8 @@ def register_model_watch(streams, handler, settings) -> None:  # noqa: ANN001 - 
 
     @streams.app.timer(settings.model_poll_interval)
     async def watch_models() -> None:
-        version = current_version(settings.models_path)
-        waiting = handler.pending.version if handler.pending else None
-        if version is None or version in (handler.recommender.version, waiting) or version in failed:
+        version = current_version(settings.models_path)  # ticks run one after another: no load overlaps
+        if version is None or version == handler.recommender.version or version in failed:
             return
         try:
             artifact = await asyncio.get_running_loop().run_in_executor(
@@ -68,5 +67,4 @@ def register_model_watch(streams, handler, settings) -> None:  # noqa: ANN001 - 
             log.error("model: version %s was not loaded (the live model %s stays): %s", version,
                       handler.recommender.version, e)
             return
-        handler.pending = artifact
-        handler.swap_model()  # between batches: the step is synchronous, a batch never sees half a swap
+        handler.swap_model(artifact)

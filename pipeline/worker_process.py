@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,13 @@ def start(settings: Settings, log_path: str | Path, env: dict[str, str] | None =
     proc.log_path = Path(log_path)
     proc.metrics_port = settings.metrics_port
     return proc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a worker's web and metrics ports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_ready(proc: WorkerProcess, timeout: float = 90.0) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -73,12 +72,6 @@ def foreign_registry(tmp_path_factory) -> Path:
     return registry
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Stack:
     """One test's topics, app id and folders on the shared broker."""
@@ -90,7 +83,7 @@ class Stack:
 
     def start_worker(self, name: str = "w", timeout: float = 90.0, **extra_env: str) -> subprocess.Popen:
         """Start `recur worker` as a subprocess; wait until faust says it is ready."""
-        env = {**self.env, "RECUR_WEB_PORT": str(_free_port()), "RECUR_METRICS_PORT": str(_free_port()),
+        env = {**self.env, "RECUR_WEB_PORT": str(worker_process.free_port()), "RECUR_METRICS_PORT": str(worker_process.free_port()),
                "RECUR_VAR_DIR": str(self.workdir / f"var-{name}"), **extra_env}
         settings = load_settings({k: v for k, v in env.items() if k.startswith("RECUR_")})
         proc = worker_process.start(settings, self.workdir / f"worker-{name}-{len(self.workers)}.log",
