@@ -16,6 +16,7 @@ import torch
 
 from models.data import IndexedSession
 from models.lstm import RecurrentRecommender, init_state, step
+from models.scorers import Scorer
 
 
 class RankMetrics:
@@ -48,6 +49,13 @@ def ranks_of(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (scores >= target_scores).sum(1)
 
 
+def ranks_in_top(top_items: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """top_items (N, k) best first, targets (N,) -> ranks (N,): the target's place, k + 1 if absent."""
+    found = top_items == targets.unsqueeze(1)  # (N, k)
+    place = found.float().argmax(dim=1) + 1
+    return torch.where(found.any(dim=1), place, torch.full_like(place, k + 1))
+
+
 def evaluate_model(
     model: RecurrentRecommender,
     sessions: Sequence[IndexedSession],
@@ -55,9 +63,13 @@ def evaluate_model(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    scorer: Scorer | None = None,
 ) -> dict[str, float]:
     """Session-parallel evaluation through `step`: `batch_size` sessions advance together;
-    a finished session's slot is refilled with the next session and its state reset."""
+    a finished session's slot is refilled with the next session and its state reset.
+
+    Ranks come from every item's score; with a `scorer` (the worker's, e.g. approximate search)
+    from the top-k it returns instead, a target outside it counting as a miss."""
     model.eval()
     metrics = RankMetrics(k)
     todo = [s for s in sessions if len(s.items) >= 2]
@@ -78,10 +90,15 @@ def evaluate_model(
         items = torch.tensor([todo[s].items[p] for s, p in slots], device=device)
         types = torch.tensor([todo[s].types[p] for s, p in slots], device=device)
         targets = torch.tensor([todo[s].items[p + 1] for s, p in slots], device=device)
-        out = step(model, state, items, types)  # every item's score
+        if scorer is None:
+            out = step(model, state, items, types)  # every item's score
+            assert out.scores is not None
+            metrics.add(ranks_of(out.scores, targets).cpu().numpy())
+        else:
+            out = step(model, state, items, types, k=k, scorer=scorer)
+            assert out.top_items is not None
+            metrics.add(ranks_in_top(out.top_items, targets, k).cpu().numpy())
         state = out.state
-        assert out.scores is not None
-        metrics.add(ranks_of(out.scores, targets).cpu().numpy())
         if progress:
             progress(len(slots))
         keep = [i for i, (s, p) in enumerate(slots) if p + 2 < len(todo[s].items)]

@@ -18,7 +18,6 @@ zeros is the state of a user who has seen nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,7 +26,7 @@ from torch.nn import functional as F
 
 from models.errors import ModelError
 from models.events import EVENT_TYPES
-from models.topk import Mask, score_top_k
+from models.scorers import ExactScorer, Exclude, Scorer
 
 
 @dataclass
@@ -211,10 +210,6 @@ def _advance(
     return _pack(h, c, ring, count), model.query(out, x)
 
 
-Scorer = Callable[[RecurrentRecommender, torch.Tensor, int, "torch.Tensor | None", "Mask | None"],
-                  tuple[torch.Tensor, torch.Tensor]]  # (model, queries (B, E), k, buffer, mask) -> top-k
-
-
 @dataclass
 class StepResult:
     state: torch.Tensor  # (B, S) the users' new states
@@ -231,17 +226,16 @@ def step(
     *,
     k: int | None = None,
     score: bool = True,
-    mask: Mask | None = None,
-    buffer: torch.Tensor | None = None,
+    exclude: Exclude | None = None,
     scorer: Scorer | None = None,
 ) -> StepResult:
     """The batched online step: state (B, S), items (B,), event_types (B,) -> the new states and
     the scores. Rows of zeros in `state` are new users.
 
     k=None: every item's score (B, V) in `scores` (the evaluator). k given: the k best items per
-    user in `top_scores` / `top_items` (the worker, the benchmark), by `scorer` (default
-    `score_top_k`, exact), with `mask` (-inf for items that must not be recommended) and a
-    reusable `buffer`. score=False: the new states only (re-warming users after a swap).
+    user in `top_scores` / `top_items` (the worker, the benchmark), by `scorer` (default a new
+    `ExactScorer`; see `models/scorers.py`), never one of the row's `exclude` items.
+    score=False: the new states only (re-warming users after a swap).
     Results are inference tensors: clone them before editing in place."""
     with torch.inference_mode():
         new_state, queries = _advance(model, state, items, event_types)
@@ -249,7 +243,7 @@ def step(
             return StepResult(new_state)
         if k is None:
             return StepResult(new_state, scores=model.score(queries))
-        values, indices = (scorer or score_top_k)(model, queries, k, buffer, mask)
+        values, indices = (scorer or ExactScorer())(model, queries, k, exclude)
         return StepResult(new_state, top_scores=values, top_items=indices)
 
 

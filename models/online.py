@@ -18,6 +18,7 @@ import torch
 from models.artifacts import Artifact
 from models.events import PURCHASE, Event, Recommendation
 from models.lstm import RecurrentRecommender, init_state, step
+from models.scorers import ExactScorer, Scorer, ScorerConfig, build_scorer
 from models.trending import Trending
 from models.vocab import Vocabulary
 
@@ -89,6 +90,7 @@ class OnlineConfig:
     exclude_purchased: bool = True  # never recommend what the user bought
     exclude_current: bool = False  # do not recommend the item just viewed
     trending_window: int = 10_000  # events counted for cold-start trending
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)  # exact or approximate top-k
 
 
 COLD = "none"  # model_version while no model is live: every list is trending
@@ -102,14 +104,24 @@ class OnlineRecommender:
         self.device = torch.device(device)
         self.trending = Trending(config.trending_window)
         self.model: RecurrentRecommender | None = None
+        self.scorer: Scorer = ExactScorer(config.scorer.score_memory_mb)
         self.vocab = Vocabulary([])
         self.version = COLD
         if artifact is not None:
             self.use(artifact)
 
-    def use(self, artifact: Artifact) -> None:
-        """Swap in a model; users on older versions are re-warmed on their next event."""
-        self.model = artifact.model.to(self.device).eval()
+    def prepare(self, artifact: Artifact) -> Scorer:
+        """Move a loaded model to this recommender's device and build its scorer (an ANN index
+        takes seconds at 1,000,000 items): the slow half of a swap, for the loading thread."""
+        artifact.model.to(self.device).eval()
+        return build_scorer(artifact.model, self.config.scorer, self.device)
+
+    def use(self, artifact: Artifact, scorer: Scorer | None = None) -> None:
+        """Swap in a model and its scorer (from `prepare`; built here when not given); users on
+        older versions are re-warmed on their next event."""
+        scorer = scorer if scorer is not None else self.prepare(artifact)
+        self.model = artifact.model
+        self.scorer = scorer
         self.vocab = artifact.vocab
         self.version = artifact.version
         self.trending.fallback = artifact.vocab.items  # training popularity: cold lists fill up to K
@@ -216,13 +228,9 @@ class OnlineRecommender:
             state = torch.from_numpy(np.stack([r.vector for r in rows])).to(self.device, torch.float32)
             items = torch.tensor([i for _, i in known], device=self.device)
             types = torch.tensor([events[n].event.event_type for n, _ in known], device=self.device)
-            users = [current[events[n].event.user_id] for n, _ in known]
-
-            def mask(block: torch.Tensor, first: int) -> None:
-                self._mask(block, users[first : first + block.size(0)], items[first : first + block.size(0)])
-
-            out = step(self.live, state, items, types, k=min(cfg.k, self.live.config.n_items), mask=mask,
-                       buffer=self._score_buffer(len(known)))
+            exclude = [self._exclude(current[events[n].event.user_id], i) for n, i in known]
+            out = step(self.live, state, items, types, k=min(cfg.k, self.live.config.n_items), exclude=exclude,
+                       scorer=self.scorer)
             assert out.top_scores is not None and out.top_items is not None
             new_state, top_scores, top_idx = out.state, out.top_scores, out.top_items
             new_vectors = new_state.to(torch.float16).cpu().numpy()
@@ -250,28 +258,19 @@ class OnlineRecommender:
                 top = self.trending.top(cfg.k, self._excluded(st))
                 recs[n] = self._emit(events[n], st, [i for i, _ in top], [c for _, c in top], "trending")
 
-    def _score_buffer(self, rows: int) -> torch.Tensor:
-        """A reusable (rows, V) buffer for scores (allocated once per model and batch size cap)."""
-        V = self.live.config.n_items
-        buf = getattr(self, "_scores", None)
-        if buf is None or buf.size(0) < rows or buf.size(1) != V or buf.device != self.device:
-            buf = self._scores = torch.empty(max(rows, 64), V, device=self.device)
-        return buf[:rows]
-
     def _excluded(self, st: UserState) -> set[str]:
         if not self.config.exclude_purchased:
             return set()
         return {i for i, t in zip(st.recent_items, st.recent_types) if t == PURCHASE}
 
-    def _mask(self, scores: torch.Tensor, users: list[UserState], items: torch.Tensor) -> None:
+    def _exclude(self, st: UserState, current: int) -> list[int]:
+        """Item indices the model must not recommend to this user: what they bought (and the item
+        just viewed, when set)."""
+        out = {self.vocab.get(i) for i in self._excluded(st)}
         if self.config.exclude_current:
-            scores[torch.arange(scores.size(0), device=scores.device), items] = float("-inf")
-        if self.config.exclude_purchased:
-            for row, st in enumerate(users):
-                bought = [self.vocab.get(i) for i in self._excluded(st)]
-                bought = [b for b in bought if b >= 0]
-                if bought:
-                    scores[row, bought] = float("-inf")
+            out.add(current)
+        out.discard(-1)
+        return sorted(out)
 
     def _emit(self, ev: InputEvent, st: UserState, item_ids: list[str], scores: list[float],
               strategy: str) -> Recommendation:

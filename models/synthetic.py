@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from itertools import accumulate
 
+from models.data import Session, sessionize
 from models.events import CLICK, PURCHASE, Event
 
 
@@ -47,6 +49,7 @@ def generate(cfg: SyntheticConfig) -> list[Event]:
         shop.shuffle(c)  # each category's browsing order
     position = {i: (c, p) for c, order in enumerate(cats) for p, i in enumerate(order)}
     weights = [1.0 / (1 + r) ** 0.8 for r in range(cfg.n_items)]  # Zipf-like popularity by item number
+    cum = [list(accumulate(weights[i] for i in c)) for c in cats]  # per category: O(log n) draws at any size
     prefs = [rng.sample(range(cfg.n_categories), 2) for _ in range(cfg.n_users)]
     per_user = max(1, cfg.n_events // cfg.n_users)
     events: list[Event] = []
@@ -56,7 +59,7 @@ def generate(cfg: SyntheticConfig) -> list[Event]:
         s = 0
         while quota > 0:
             cat = rng.choice(prefs[u])
-            cur = rng.choices(cats[cat], weights=[weights[i] for i in cats[cat]])[0]
+            cur = rng.choices(cats[cat], cum_weights=cum[cat])[0]
             clicked = []
             length = max(2, int(rng.expovariate(1 / cfg.session_length)) + 1)
             for _ in range(min(length, quota)):
@@ -69,7 +72,7 @@ def generate(cfg: SyntheticConfig) -> list[Event]:
                     cur = cats[cat_of][(place + 1) % len(cats[cat_of])]
                 else:
                     pc = rng.choice(prefs[u])
-                    cur = rng.choices(cats[pc], weights=[weights[i] for i in cats[pc]])[0]
+                    cur = rng.choices(cats[pc], cum_weights=cum[pc])[0]
             if quota > 0 and rng.random() < cfg.purchase_rate:
                 events.append(Event(f"user-{u:05d}", item_id(rng.choice(clicked)), PURCHASE, t, session_id=f"u{u}-s{s}"))
                 quota -= 1
@@ -80,3 +83,11 @@ def generate(cfg: SyntheticConfig) -> list[Event]:
         Event(e.user_id, e.item_id, e.event_type, e.timestamp_ms, event_id=f"e{n}", session_id=e.session_id)
         for n, e in enumerate(events)
     ]
+
+
+def synthetic_sessions(cfg: SyntheticConfig, session_gap_s: float) -> tuple[list[Session], list[str]]:
+    """`generate(cfg)` cut into sessions, by start time, and the whole catalogue (items no
+    session holds too: a shop's long tail)."""
+    sessions = sessionize(generate(cfg), session_gap_s)
+    sessions.sort(key=lambda s: (s.times[0], s.key))
+    return sessions, catalog(cfg)

@@ -105,9 +105,28 @@ def sampled_softmax_loss(
     tgt = targets[valid]
     negatives = torch.multinomial(log_q.exp(), n_neg, replacement=True)
     cand, inverse = torch.unique(torch.cat([tgt, negatives]), return_inverse=True)
-    emb = model.output_embedding()[cand]  # (C, E)
+    out = model.item_emb if model.config.tie_weights else model.out_emb
+    emb = F.embedding(cand, out.weight, sparse=out.sparse)  # (C, E); sparse gradients at large catalogues
     logits = q_vec @ emb.T + model.item_bias[cand] - log_q[cand]  # (N, C)
     return F.cross_entropy(logits, inverse[: tgt.numel()])
+
+
+def make_optimizers(model: RecurrentRecommender, cfg: TrainConfig,
+                    sparse: bool) -> tuple[list[torch.optim.Optimizer], list[torch.nn.Parameter]]:
+    """Adam for everything; with `sparse` (the sampled loss) the item embeddings get sparse
+    gradients and SparseAdam, which updates only the rows a batch touched: at 1,000,000 items a
+    dense Adam step reads and writes ~1 GB of weights and moments per batch.
+    -> (optimizers, the dense parameters, whose gradient norm is clipped)."""
+    tables = [model.item_emb] if model.config.tie_weights else [model.item_emb, model.out_emb]
+    if not sparse:
+        params = list(model.parameters())
+        return [torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)], params
+    for table in tables:
+        table.sparse = True
+    sparse_ids = {id(t.weight) for t in tables}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    return [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            torch.optim.SparseAdam([t.weight for t in tables], lr=cfg.lr)], dense
 
 
 def split_by_time(sessions: Sequence[Session], valid_fraction: float) -> tuple[list[Session], list[Session]]:
@@ -123,9 +142,11 @@ def train(
     model_config: dict,
     cfg: TrainConfig,
     on_progress: Callable[[dict], None] | None = None,
+    catalog: Sequence[str] = (),
 ) -> TrainResult:
     """Train a model on `sessions` (start-time order). `model_config` holds ModelConfig
-    fields except n_items, which comes from the vocabulary."""
+    fields except n_items, which comes from the vocabulary: every item of the sessions, then
+    those of `catalog` (a shop's whole catalogue) that no session holds."""
     if not sessions:
         raise DataError("train: no sessions to train on")
     random.seed(cfg.seed)
@@ -134,6 +155,8 @@ def train(
     started = time.monotonic()
     train_sessions, valid_sessions = split_by_time(sessions, cfg.valid_fraction)
     vocab = Vocabulary.from_sessions(sessions)  # every item known at training
+    if catalog:
+        vocab = Vocabulary(vocab.items + [item for item in catalog if vocab.get(item) < 0])
     train_idx = index_sessions(train_sessions, vocab)
     valid_idx = index_sessions(valid_sessions, vocab)
     if not train_idx:
@@ -148,7 +171,7 @@ def train(
         torch.manual_seed(cfg.seed)
         rng = random.Random(cfg.seed)
         model = RecurrentRecommender(full_model_config).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizers, dense = make_optimizers(model, cfg, sparse=use_sampled)
         counts = np.bincount(np.concatenate([s.items for s in data]), minlength=len(vocab)).astype(np.float64)
         probs = (counts + 1.0) ** 0.75
         log_q = torch.tensor(np.log(probs / probs.sum()), dtype=torch.float32, device=device)
@@ -164,10 +187,12 @@ def train(
                     loss = sampled_softmax_loss(model, queries, targets, log_q, cfg.n_negatives)
                 else:
                     _, loss = model(items, types, targets)
-                opt.zero_grad(set_to_none=True)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                opt.step()
+                torch.nn.utils.clip_grad_norm_(dense, 5.0)
+                for opt in optimizers:
+                    opt.step()
                 total += loss.item() * items.size(0)
                 seen += items.size(0)
                 if on_progress:
@@ -193,6 +218,9 @@ def train(
                 break
         if best_state is not None:
             model.load_state_dict(best_state)
+        model.item_emb.sparse = False  # sparse gradients were for training
+        if not full_model_config.tie_weights:
+            model.out_emb.sparse = False
         return model
 
     model = fit(train_idx, valid_idx, cfg.epochs, "select")

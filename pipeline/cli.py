@@ -27,10 +27,15 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from models.errors import RecurError
 from pipeline.cli_args import COMPUTED_DEFAULTS, build_parser, setting_flag  # noqa: F401 - re-exported
 from pipeline.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from models.artifacts import Artifact
 
 log = logging.getLogger("recur")
 
@@ -131,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.offline import evaluate_command
 
-    return evaluate_command(args)
+    return evaluate_command(args, _settings(args))
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -189,18 +194,47 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_model(args: argparse.Namespace, settings: Settings, say: Callable[[str], None]) -> tuple[Artifact, str]:
+    """The model `recur bench step` runs: --model DIR, 'random' (untrained), or the cached learned one."""
+    from pathlib import Path
+
+    import torch
+
+    from models.artifacts import Artifact, load_artifact
+    from models.lstm import ModelConfig, RecurrentRecommender
+    from models.vocab import Vocabulary
+    from pipeline.bench.learned import learned_model
+
+    if args.model == "random":
+        torch.manual_seed(0)
+        model = RecurrentRecommender(ModelConfig(n_items=args.items, embedding_dim=args.embedding_dim,
+                                                 hidden_dim=args.hidden_dim, num_layers=args.layers))
+        return Artifact(model, Vocabulary([str(n) for n in range(args.items)]), {"version": "random"}, Path()), "random"
+    if args.model:
+        artifact = load_artifact(args.model)
+        return artifact, str(artifact.path)
+    artifact = learned_model(args.items, args.embedding_dim, args.hidden_dim, args.layers, settings.cache_path, say)
+    return artifact, f"learned:synthetic:{args.items}"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import run_e2e_bench, run_step_bench
+    from models.artifacts import load_artifact
+    from pipeline.bench.step import run_step_bench
 
     if args.users is None:
         args.users = 1_000_000 if args.what == "step" else 100_000
+    settings = _settings(args)
+    say = lambda line: print(f"[bench] {line}", file=sys.stderr)  # noqa: E731
     if args.what == "step":
-        result = run_step_bench(args.device or "auto", args.items, args.embedding_dim, args.hidden_dim, args.layers,
-                                args.users, args.k, [int(b) for b in args.batches.split(",")], args.seconds)
+        model, source = bench_model(args, settings, say)
+        result = run_step_bench(settings.device, model, settings.scorer_config(), args.users, args.k,
+                                [int(b) for b in args.batches.split(",")], args.seconds, source)
     else:
-        settings = _settings(args)
+        from pipeline.bench.e2e import run_e2e_bench
+
+        given = load_artifact(args.model) if args.model and args.model != "random" else None
         result = run_e2e_bench(settings, args.events, args.users, args.items, args.embedding_dim, args.hidden_dim,
-                               args.latency_seconds, args.plot, lambda line: print(f"[bench] {line}", file=sys.stderr))
+                               args.latency_seconds, args.plot, say, artifact=given, swap=args.swap)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 

@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     setting_flag(p, "--device", "auto, cpu or cuda")
     p.add_argument("--items", type=int, default=20000, help="catalog size (default 20000)")
+    p.add_argument("--model", help="step, e2e: a model artifact or registry to use (its catalogue sets --items); "
+                                   "step's default: a model trained once on synthetic data over --items items, "
+                                   "cached under the cache dir; 'random': untrained weights (exact speed only)")
+    setting_flag(p, "--scorer", "top-k scorer", choices=["auto", "exact", "ann"])
+    setting_flag(p, "--ann-probe", "ann: IVF lists searched per query, 0 = lists / 32", type=int)
+    setting_flag(p, "--ann-candidates", "ann: candidates re-scored exactly per query", type=int)
+    setting_flag(p, "--score-memory-mb", "exact scoring on a GPU: memory for one block of scores", type=int)
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=1, help="step: recurrent layers (default 1)")
@@ -100,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.0, help="step: seconds per batch size")
     p.add_argument("--events", type=int, default=200000, help="e2e: pre-loaded events (default 200000)")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="e2e: seconds of paced load")
+    p.add_argument("--swap", action="store_true", help="e2e: publish the model again halfway through the paced "
+                                                       "load and report the latency around the swap")
     p.add_argument("--plot", default="bench-e2e.png", help="e2e: PNG of throughput and latency")
     setting_flag(p, "--max-batch", "e2e: worker batch cap", type=int)
     _broker_flags(p)

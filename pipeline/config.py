@@ -11,9 +11,12 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.errors import ConfigError
+
+if TYPE_CHECKING:
+    from models.scorers import ScorerConfig
 
 ENV_PREFIX = "RECUR_"
 
@@ -53,6 +56,11 @@ class Settings:
     backlog_wait: float = 0.06  # in a backlog (>= max_batch records waiting): seconds a batch may wait to fill
     fetch_max_wait: float = 0.02  # seconds the broker may hold a fetch that has no new data for
     torch_threads: int = 1  # the model's CPU threads in the worker; 0 = torch's default (all cores)
+    scorer: str = "auto"  # top-k: exact, ann (approximate, faiss), or auto (ann on a CPU from ann_min_items)
+    ann_min_items: int = 200000  # auto: catalogues from this size use ann on a CPU (docs/performance.md)
+    ann_probe: int = 0  # ann: IVF lists searched per query; 0 = lists / 32 (more = closer to exact, slower)
+    ann_candidates: int = 100  # ann: candidates re-scored exactly per query
+    score_memory_mb: int = 1024  # exact scoring on a GPU: memory for one block of scores
     max_record_bytes: int = 16384  # larger input records go to the dead-letter topic
     snapshot_dir: str = ""  # Parquet snapshots: a folder or pyarrow.fs URI; empty = <var_dir>/snapshots
     snapshot_interval: float = 60.0  # seconds between snapshots; 0 = no snapshots
@@ -61,6 +69,13 @@ class Settings:
     metrics_host: str = "127.0.0.1"  # interface for /metrics; 0.0.0.0 only inside a private network
     web_port: int = 6066  # faust's web server, bound to 127.0.0.1
     log_level: str = "info"  # debug, info, warning or error
+
+    def scorer_config(self) -> ScorerConfig:
+        from models.scorers import ScorerConfig  # torch: not for the clients, which import this module
+
+        return ScorerConfig(kind=self.scorer, ann_min_items=self.ann_min_items, ann_probe=self.ann_probe,
+                            ann_candidates=self.ann_candidates, score_memory_mb=self.score_memory_mb,
+                            threads=self.torch_threads)
 
     @property
     def local(self) -> bool:
@@ -151,6 +166,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: snapshot_interval must be >= 0 seconds (0 = off)")
     if s.max_wait <= 0 or s.fetch_max_wait <= 0 or s.backlog_wait < 0:
         raise ConfigError("config: max_wait and fetch_max_wait must be > 0 seconds, backlog_wait >= 0")
+    if s.scorer not in ("auto", "exact", "ann"):
+        raise ConfigError(f"config: scorer must be auto, exact or ann, got {s.scorer!r}")
+    if s.ann_min_items < 1 or s.ann_probe < 0 or s.ann_candidates < 1 or s.score_memory_mb < 1:
+        raise ConfigError("config: ann_min_items, ann_candidates and score_memory_mb must be >= 1, ann_probe >= 0")
     if s.torch_threads < 0:
         raise ConfigError("config: torch_threads must be >= 0 (0 = torch's default)")
     if s.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):

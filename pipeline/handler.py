@@ -21,6 +21,7 @@ from faust.types import EventT
 from models.artifacts import Artifact
 from models.errors import BadRecord
 from models.online import InputEvent, OnlineRecommender, UserState
+from models.scorers import Scorer
 from pipeline import faust_internals as internals
 from pipeline.app import Streams
 from pipeline.batching import records_after
@@ -48,15 +49,16 @@ class BatchHandler:
             self._store = StateStore(self.streams.state)
         return self._store
 
-    def swap_model(self, artifact: Artifact) -> None:
-        """Make a loaded and checked model the live one. Called on the event loop, so between two
-        batches: the step is synchronous and a batch never sees half a swap."""
+    def swap_model(self, artifact: Artifact, scorer: Scorer) -> None:
+        """Make a loaded and checked model, with the scorer built for it, the live one. Called on
+        the event loop, so between two batches: the step is synchronous and a batch never sees
+        half a swap."""
         old, new = self.recommender.version, artifact.version
-        self.recommender.use(artifact)
+        self.recommender.use(artifact, scorer)
         self.coverage.reset()
         self.metrics.model.info({"version": new})
         self.metrics.model_swaps.inc()
-        log.info("model: swapped %s -> %s; users re-warm on their next event", old, new)
+        log.info("model: swapped %s -> %s (scorer %s); users re-warm on their next event", old, new, scorer.name)
 
     async def dead_letter(self, event: EventT, error: BadRecord) -> None:
         msg = event.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -12,10 +13,11 @@ from tqdm import tqdm
 from models import data
 from models.artifacts import load_artifact, save_artifact
 from models.baselines import BASELINES, build_baseline
-from models.data import DEFAULT_SESSION_GAP_S, index_sessions, sessionize
+from models.data import DEFAULT_SESSION_GAP_S, index_sessions
 from models.errors import ConfigError
 from models.evaluate import evaluate_model, evaluate_scorer
 from models.lstm import resolve_device
+from models.scorers import build_scorer
 from models.train import TrainConfig, train
 from models.vocab import Vocabulary
 from pipeline import snapshot_files
@@ -35,6 +37,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="training data: a file, or a snapshot folder with --format parquet")
     src.add_argument("--synthetic", type=int, metavar="N", help="train on N synthetic events instead")
+    p.add_argument("--synthetic-items", type=int, default=1000,
+                   help="with --synthetic: catalogue size, all of it in the model (default 1000)")
+    p.add_argument("--synthetic-users", type=int, default=500, help="with --synthetic: users (default 500)")
     p.add_argument("--format", choices=FORMATS, help="format of --data")
     p.add_argument("--out", help="model registry to write the new version into (default var/models)")
     p.add_argument("--publish", action="store_true", help="make the new version CURRENT (the worker picks it up)")
@@ -45,6 +50,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"learning rate (default {TrainConfig.lr})")
     p.add_argument("--loss", choices=["auto", "ce", "sampled"], default="auto", help="auto = full softmax up to 50k items")
     p.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes, help="wall-clock cap (default 9)")
+    p.add_argument("--valid-fraction", type=float, default=TrainConfig.valid_fraction,
+                   help=f"newest share of sessions for early stopping (default {TrainConfig.valid_fraction})")
     p.add_argument("--no-refit", action="store_true", help="skip the final refit on all data")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--embedding-dim", type=int, default=64)
@@ -76,12 +83,15 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("train: --data needs --format session-tsv|jsonl|parquet")
     device = resolve_device(args.device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    catalog: list[str] = []
     if args.synthetic:
-        from models.synthetic import SyntheticConfig, generate
+        from models.synthetic import SyntheticConfig, synthetic_sessions
 
-        sessions = sessionize(generate(SyntheticConfig(n_events=args.synthetic)), args.session_gap)
-        sessions.sort(key=lambda s: (s.times[0], s.key))
-        source = f"synthetic:{args.synthetic}"
+        syn = SyntheticConfig(n_events=args.synthetic, n_items=args.synthetic_items,
+                              n_users=args.synthetic_users)
+        print(f"train: generating {syn.n_events} synthetic events over {syn.n_items} items", file=sys.stderr)
+        sessions, catalog = synthetic_sessions(syn, args.session_gap)
+        source = f"synthetic:{args.synthetic}:items={syn.n_items}"
     else:
         sessions = read_sessions(args.data, args.format, args.session_gap)
         source = str(args.data)
@@ -90,9 +100,10 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
     model_config = dict(embedding_dim=args.embedding_dim, hidden_dim=args.hidden_dim, num_layers=args.layers,
                         cell=args.cell, attention_window=args.attention_window, dropout=args.dropout)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
-                      max_minutes=args.max_minutes, refit=not args.no_refit, seed=args.seed, device=str(device))
+                      max_minutes=args.max_minutes, refit=not args.no_refit, seed=args.seed, device=str(device),
+                      valid_fraction=args.valid_fraction)
     with tqdm(unit="batch", file=sys.stderr, leave=False, mininterval=2.0, disable=None) as bar:
-        result = train(sessions, model_config, cfg, on_progress=_progress_printer(bar))
+        result = train(sessions, model_config, cfg, on_progress=_progress_printer(bar), catalog=catalog)
     meta = {**result.metadata(cfg), "source": source}
     registry = args.out or settings.models_path
     path = save_artifact(registry, result.model.cpu(), result.vocab, meta, publish=args.publish)
@@ -118,19 +129,27 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
     p.add_argument("--session-gap", type=float, default=DEFAULT_SESSION_GAP_S)
+    p.add_argument("--scorer", choices=["auto", "exact", "ann"],
+                   help="rank within the top-k of the worker's scorer (ann: approximate search) instead of "
+                        "from every item's score; its settings from RECUR_ANN_* (see recur config)")
 
 
-def evaluate_command(args: argparse.Namespace) -> int:
+def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
     test = read_sessions(args.data, args.format, args.session_gap)
+    top_scorer = None
     if args.model:
         device = resolve_device(args.device)
         artifact = load_artifact(args.model, device)
         vocab = artifact.vocab
         indexed = index_sessions(test, vocab)
         total = sum(len(s.items) - 1 for s in indexed)
+        if args.scorer:
+            top_scorer = build_scorer(artifact.model, dataclasses.replace(settings.scorer_config(), kind=args.scorer),
+                                  device)
         with tqdm(total=total, unit="pred", file=sys.stderr, leave=False, desc="evaluate", disable=None) as bar:
-            result = evaluate_model(artifact.model, indexed, k=args.k, device=device, progress=bar.update)
-        name = artifact.version
+            result = evaluate_model(artifact.model, indexed, k=args.k, device=device, progress=bar.update,
+                                    scorer=top_scorer)
+        name = artifact.version if top_scorer is None else f"{artifact.version} ({top_scorer.name} top-{args.k})"
     else:
         if not args.train:
             raise ConfigError("evaluate: --baseline needs --train PATH")
@@ -143,7 +162,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
             result = evaluate_scorer(scorer, indexed, k=args.k, progress=bar.update)
         name = args.baseline
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({**result, "scorer": top_scorer.name} if args.model and top_scorer else result))
     else:
         k = args.k
         print(f"{name}: Recall@{k} {result[f'recall@{k}']:.4f}  MRR@{k} {result[f'mrr@{k}']:.4f}  "

@@ -47,6 +47,7 @@ def build(settings: Settings,
             exclude_purchased=settings.exclude_purchased,
             exclude_current=settings.exclude_current,
             trending_window=settings.trending_window,
+            scorer=settings.scorer_config(),
         ),
         device,
     )

@@ -5,13 +5,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from models.artifacts import Artifact, save_artifact
 from models.events import CLICK, Event
 from models.lstm import ModelConfig, RecurrentRecommender
+from models.vocab import Vocabulary
 from pipeline import worker_process
 from pipeline.bench.loads import _faust_floor, _passthrough, _preload
 from pipeline.config import Settings
@@ -89,7 +93,11 @@ def _wait_for_snapshots(settings, n_records: int, timeout_s: float) -> float | N
 
 
 def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int, embedding_dim: int,
-                  hidden_dim: int, latency_seconds: float, plot: str | None, say: Callable[[str], None]) -> dict:
+                  hidden_dim: int, latency_seconds: float, plot: str | None, say: Callable[[str], None],
+                  artifact: Artifact | None = None, swap: bool = False) -> dict:
+    """`artifact`: the worker's model (its catalogue sets the items); None = untrained weights over
+    `n_items`. `swap`: publish the model again halfway through the paced load (the worker loads it
+    and builds its scorer in a thread, then swaps) and report the latency around the swap."""
     import asyncio
     import dataclasses
     import json
@@ -97,8 +105,6 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
     import shutil
     import tempfile
 
-    from models.artifacts import save_artifact
-    from models.vocab import Vocabulary
     from pipeline.clients import consume, create_topics, delete_topics_with_prefix, end_offsets, producer
     from pipeline.kafka_local import start_if_needed
 
@@ -111,7 +117,15 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
     try:
         create_topics(settings)
         say(f"preloading {n_events} events for {n_users} users")
-        _preload(settings, settings.events_topic, n_events, n_users, n_items)
+        if artifact is None:
+            torch.manual_seed(0)
+            model = RecurrentRecommender(ModelConfig(n_items=n_items, embedding_dim=embedding_dim,
+                                                     hidden_dim=hidden_dim))
+            artifact = Artifact(model, Vocabulary([f"i{n}" for n in range(n_items)]), {"source": "bench"}, Path())
+        names = artifact.vocab.items
+        n_items = len(names)
+        embedding_dim, hidden_dim = artifact.model.config.embedding_dim, artifact.model.config.hidden_dim
+        _preload(settings, settings.events_topic, n_events, n_users, names)
         say("(a) plain aiokafka consume-and-produce loop")
         passthrough = asyncio.run(_passthrough(settings.bootstrap_servers, settings.events_topic,
                                                f"bench-{run}-passthrough", n_events))
@@ -120,9 +134,7 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         say("(a') an empty faust agent: batches and acks, nothing else (faust's own cost)")
         floor = _faust_floor(settings, n_events, registry)
         say(f"    {floor:.0f} events/s")
-        torch.manual_seed(0)
-        model = RecurrentRecommender(ModelConfig(n_items=n_items, embedding_dim=embedding_dim, hidden_dim=hidden_dim))
-        save_artifact(registry, model, Vocabulary([f"i{n}" for n in range(n_items)]), {"source": "bench"}, publish=True)
+        first_version = save_artifact(registry, artifact.model, artifact.vocab, {"source": "bench"}, publish=True).name
         worker_settings = dataclasses.replace(settings, bootstrap=settings.bootstrap_servers, models_dir=registry,
                                               var_dir=registry, metrics_port=0, log_level="warning")
         say("(b) recur worker on the same topic")
@@ -142,26 +154,39 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         start = end_offsets(settings, settings.recommendations_topic)
         prod = producer(settings)
         sent, t0 = 0, time.perf_counter()
+        publisher: threading.Thread | None = None
+        published_ms = 0
         while time.perf_counter() - t0 < latency_seconds:
+            if swap and publisher is None and time.perf_counter() - t0 >= latency_seconds / 2:
+                published_ms = int(time.time() * 1000)
+                publisher = threading.Thread(target=save_artifact, args=(registry, artifact.model, artifact.vocab,
+                                                                         {"source": "bench swap"}, True))
+                publisher.start()
             due = int((time.perf_counter() - t0) * rate)
             while sent < due:
-                key, value = encode_event(Event(f"u{sent % n_users}", f"i{sent % n_items}", CLICK,
+                key, value = encode_event(Event(f"u{sent % n_users}", names[sent % n_items], CLICK,
                                                 int(time.time() * 1000), event_id=f"lat{sent}"))
                 prod.send(settings.events_topic, key=key, value=value)
                 sent += 1
             prod.flush()
             time.sleep(0.005)
         prod.close()
+        if publisher is not None:
+            publisher.join()
         timeline = []  # (ms since the first event, latency ms)
+        swapped_ms = None  # event time of the first recommendation by the republished model
         for _k, raw, _h in consume(settings, settings.recommendations_topic, sent, 30.0, start_offsets=start):
             rec = json.loads(raw)
             timeline.append((rec["event_timestamp"], rec["emitted_at"] - rec["event_timestamp"]))
+            if swap and rec["model_version"] not in (first_version, "none"):
+                swapped_ms = min(swapped_ms or rec["event_timestamp"], rec["event_timestamp"])
+        around = sorted(lat for t, lat in timeline if published_ms - 2000 <= t <= (swapped_ms or published_ms) + 5000)
         first_ms = min((t for t, _ in timeline), default=0)
         timeline = sorted((t - first_ms, lat) for t, lat in timeline)
         latencies = sorted(lat for _, lat in timeline)
 
         def pct(p: float) -> float:
-            return float(latencies[min(len(latencies) - 1, int(p * len(latencies)))]) if latencies else float("nan")
+            return _pct(latencies, p)
 
         result = {
             "passthrough_events_per_s": round(passthrough, 1),
@@ -173,6 +198,14 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
             "offered_events_per_s": round(rate, 1),
             "latency_samples": len(latencies),
             "settle_seconds": None if settled is None else round(settled, 1),
+            "swap": None if not swap else {
+                "swapped": swapped_ms is not None,
+                "seconds_from_publish_to_first_list_of_the_new_version":
+                    None if swapped_ms is None else round((swapped_ms - published_ms) / 1000, 2),
+                "latency_ms_around": {  # events from 2 s before the publish to 5 s after the swap
+                    "samples": len(around), "p50": _pct(around, 0.5), "p99": _pct(around, 0.99),
+                    "max": float(around[-1]) if around else float("nan")},
+                "scorer": settings.scorer},
             "config": {"run": f"bench-{run}", "events": n_events, "users": n_users, "items": n_items,
                        "embedding_dim": embedding_dim,
                        "hidden_dim": hidden_dim, "device": settings.device, "max_batch": settings.max_batch},
@@ -192,6 +225,10 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
             say(f"could not delete this run's topics (bench-{run}-*): {type(e).__name__}")
         if broker is not None:
             say(broker.stop())
+
+
+def _pct(ordered: list, p: float) -> float:
+    return float(ordered[min(len(ordered) - 1, int(p * len(ordered)))]) if ordered else float("nan")
 
 
 def _plot(result: dict, timeline: list[tuple[float, float]], path: str) -> None:

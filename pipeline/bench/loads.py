@@ -8,8 +8,8 @@ import time
 from pipeline.config import Settings
 
 
-def _preload(settings: Settings, topic: str, n_events: int, n_users: int, n_items: int, seed: int = 1) -> None:
-    """n_events wire-format events keyed by user, Zipf-ish items, timestamps of now."""
+def _preload(settings: Settings, topic: str, n_events: int, n_users: int, names: list[str], seed: int = 1) -> None:
+    """n_events wire-format events keyed by user, Zipf-ish over the item ids `names`, timestamps of now."""
     import random
 
     from models.events import CLICK, Event
@@ -17,12 +17,12 @@ def _preload(settings: Settings, topic: str, n_events: int, n_users: int, n_item
     from pipeline.records import encode_event
 
     rng = random.Random(seed)
-    weights = [1.0 / (1 + r) for r in range(n_items)]
-    items = rng.choices(range(n_items), weights=weights, k=n_events)
+    weights = [1.0 / (1 + r) for r in range(len(names))]
+    items = rng.choices(names, weights=weights, k=n_events)
     now = int(time.time() * 1000)
     prod = producer(settings)
     for n in range(n_events):
-        key, value = encode_event(Event(f"u{rng.randrange(n_users)}", f"i{items[n]}", CLICK, now, event_id=f"e{n}"))
+        key, value = encode_event(Event(f"u{rng.randrange(n_users)}", items[n], CLICK, now, event_id=f"e{n}"))
         prod.send(topic, key=key, value=value)
     prod.flush()
     prod.close()

@@ -1,6 +1,7 @@
-"""`recur bench step`: the model step alone, batch sizes taking turns, against the machine's GEMM rate.
+"""`recur bench step`: the model step alone, batch sizes taking turns, against the machine's GEMM rate,
+with the exact or the approximate scorer (and how much of the exact top-k the latter finds).
 
-    recur bench step --json [--device cpu|cuda] [--items 20000] [--users 1000000]
+    recur bench step --json [--device cpu|cuda] [--items 20000] [--scorer exact|ann] [--model DIR]
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import time
 
 import torch
 
-from models.lstm import ModelConfig, RecurrentRecommender, resolve_device, step
+from models.artifacts import Artifact
+from models.lstm import RecurrentRecommender, resolve_device, step
+from models.scorers import AnnScorer, ExactScorer, Scorer, ScorerConfig, build_scorer
 
 
 def _sync(device: torch.device) -> None:
@@ -35,17 +38,16 @@ def gemm_flops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
 class StepBench:
     """The worker's model path over a dense state store of `n_users` float16 rows."""
 
-    def __init__(self, n_items: int, embedding_dim: int, hidden_dim: int, layers: int, n_users: int,
-                 k: int, device: torch.device) -> None:
+    def __init__(self, model: RecurrentRecommender, n_users: int, k: int, device: torch.device,
+                 scorer: Scorer | None = None) -> None:
         torch.manual_seed(0)
         self.device = device
         self.k = k
-        self.model = RecurrentRecommender(ModelConfig(n_items=n_items, embedding_dim=embedding_dim,
-                                                      hidden_dim=hidden_dim, num_layers=layers)).to(device).eval()
+        self.model = model.to(device).eval()
+        self.n_items = model.config.n_items
+        self.scorer = scorer or ExactScorer()
         self.store = torch.zeros(n_users, self.model.config.state_size, dtype=torch.float16, device=device)
         self.n_users = n_users
-        self.n_items = n_items
-        self.buffer = torch.empty(0, n_items, device=device)
 
     def inputs(self, batch: int, count: int = 16) -> list:
         """`count` batches of distinct users, made before timing starts."""
@@ -58,20 +60,36 @@ class StepBench:
             out.append((users, items, types))
         return out
 
-    def step(self, users: torch.Tensor, items: torch.Tensor, types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.buffer.size(0) < users.numel():
-            self.buffer = torch.empty(users.numel(), self.n_items, device=self.device)
+    def step(self, users: torch.Tensor, items: torch.Tensor, types: torch.Tensor,
+             scorer: Scorer | None = None, write: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
             state = self.store[users].float()  # gather (B, S)
-            out = step(self.model, state, items, types, k=self.k, buffer=self.buffer)  # the worker's step
-            self.store[users] = out.state.to(torch.float16)  # scatter
+            out = step(self.model, state, items, types, k=self.k, scorer=scorer or self.scorer)  # the worker's step
+            if write:
+                self.store[users] = out.state.to(torch.float16)  # scatter
         assert out.top_scores is not None and out.top_items is not None
         return out.top_scores, out.top_items
 
-    def score_only(self, batch: int) -> float:
-        """Seconds for the catalog scoring GEMM alone at `batch` (best of 5)."""
-        q = torch.randn(batch, self.model.config.embedding_dim, device=self.device)
-        out = torch.empty(batch, self.n_items, device=self.device)
+    def overlap(self, batch: int, batches: int = 4) -> float:
+        """The share of the exact top-k that this bench's scorer returns, averaged over
+        `batches` x `batch` of the benchmark's queries (1.0 for exact)."""
+        if self.scorer.name == "exact":
+            return 1.0
+        exact = ExactScorer()
+        shares = []
+        for users, items, types in self.inputs(batch, batches):
+            _, got = self.step(users, items, types, write=False)
+            _, want = self.step(users, items, types, scorer=exact, write=False)
+            for a, b in zip(got.tolist(), want.tolist()):
+                shares.append(len(set(a) & set(b)) / len(b))
+        return sum(shares) / len(shares)
+
+    def score_only(self, batch: int) -> tuple[int, float]:
+        """(rows, seconds) for the catalog scoring GEMM alone at `batch` rows, or as many as fit in
+        1 GiB of scores (best of 5)."""
+        rows = max(1, min(batch, 2**30 // (4 * self.n_items)))
+        q = torch.randn(rows, self.model.config.embedding_dim, device=self.device)
+        out = torch.empty(rows, self.n_items, device=self.device)
         best = float("inf")
         with torch.inference_mode():
             self.model.score(q, out=out)
@@ -81,7 +99,7 @@ class StepBench:
                 self.model.score(q, out=out)
                 _sync(self.device)
                 best = min(best, time.perf_counter() - t)
-        return best
+        return rows, best
 
     def rates(self, batches: list[int], seconds: float = 2.0) -> dict[int, float]:
         """Events per second at each batch size: the median over timed windows (8 steps each
@@ -107,25 +125,42 @@ class StepBench:
         return {b: b * (8 if b <= 64 else 1) / sorted(ts)[len(ts) // 2] for b, ts in times.items()}
 
 
-def run_step_bench(device_name: str, n_items: int, embedding_dim: int, hidden_dim: int, layers: int,
-                   n_users: int, k: int, batches: list[int], seconds: float) -> dict:
+def run_step_bench(device_name: str, artifact: Artifact, scorer_config: ScorerConfig, n_users: int, k: int,
+                   batches: list[int], seconds: float, source: str) -> dict:
+    """`artifact`: the model whose item embeddings are searched (`pipeline/bench/learned.py` by default)."""
     device = resolve_device(device_name)
-    bench = StepBench(n_items, embedding_dim, hidden_dim, layers, n_users, k, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = artifact.model.to(device).eval()
+    n_items = model.config.n_items
+    scorer = build_scorer(model, scorer_config, device)
+    bench = StepBench(model, n_users, k, device, scorer)
     rates = bench.rates(batches, seconds)
     results = [{"batch": b, "events_per_s": round(rates[b], 1)} for b in batches]
     by_batch = {b: round(rates[b], 1) for b in batches}
     gemm = gemm_flops(device)
     ref = 1024 if 1024 in by_batch else max(by_batch)
-    score_s = bench.score_only(ref)
-    score_flops = 2 * ref * embedding_dim * n_items / score_s
+    rows, score_s = bench.score_only(ref)
+    score_flops = 2 * rows * model.config.embedding_dim * n_items / score_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    cfg = model.config
     return {
         "device": name,
-        "config": {"items": n_items, "embedding_dim": embedding_dim, "hidden_dim": hidden_dim, "layers": layers,
-                   "users_in_state": n_users, "k": k},
+        "scorer": scorer.name,
+        "items": n_items,
+        "model": source,
+        "config": {"items": n_items, "embedding_dim": cfg.embedding_dim, "hidden_dim": cfg.hidden_dim,
+                   "layers": cfg.num_layers, "users_in_state": n_users, "k": k},
         "results": results,
         "speedup": round(by_batch[ref] / by_batch[min(by_batch)], 1),
+        "overlap_at_k": round(bench.overlap(min(ref, 1024)), 4),
+        "index_build_seconds": round(getattr(scorer, "build_seconds", 0.0), 2),
+        "index_bytes": int(getattr(scorer, "index_bytes", 0)),
+        "ann": {"lists": scorer.lists, "probe": scorer.probe, "candidates": scorer.candidates}
+        if isinstance(scorer, AnnScorer) else None,
         "gemm_flops": round(gemm),
         "scoring_flops_at_batch": round(score_flops),
         "gemm_efficiency": float(f"{score_flops / gemm:.4g}"),  # 4 significant digits: tiny runs stay > 0
+        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "score_memory_mb": getattr(scorer, "memory_bytes", 0) // 2**20 or None,
     }

@@ -6,7 +6,7 @@ import time
 import pytest
 from kafka import KafkaAdminClient
 
-from pipeline.bench import run_e2e_bench
+from pipeline.bench.e2e import run_e2e_bench
 from pipeline.config import load_settings
 
 pytestmark = pytest.mark.integration

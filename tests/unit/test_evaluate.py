@@ -117,3 +117,21 @@ def test_pop_and_sr_on_yoochoose_validation_are_the_published_figures():
     assert pop["n"] == sr["n"] == 12455
     assert (round(pop["recall@20"], 4), round(pop["mrr@20"], 4)) == (0.0899, 0.0176)  # reference 0.0899 / 0.0177
     assert (round(sr["recall@20"], 4), round(sr["mrr@20"], 4)) == (0.5193, 0.3145)  # reference 0.5216 / 0.3175 (README)
+
+
+def test_evaluating_through_a_scorer_ranks_within_its_top_k_and_ann_when_exhaustive_equals_exact():
+    from models.evaluate import evaluate_model
+    from models.lstm import ModelConfig, RecurrentRecommender
+    from models.scorers import AnnScorer, ExactScorer, ScorerConfig
+
+    torch.manual_seed(6)
+    model = RecurrentRecommender(ModelConfig(n_items=500, embedding_dim=8, hidden_dim=12, dropout=0.0)).eval()
+    rng = np.random.default_rng(4)
+    sessions = [IndexedSession(rng.integers(0, 500, size=n), rng.integers(0, 2, size=n)) for n in rng.integers(2, 9, 60)]
+    full = evaluate_model(model, sessions, k=20)
+    exact = evaluate_model(model, sessions, k=20, scorer=ExactScorer())
+    ann = evaluate_model(model, sessions, k=20, scorer=AnnScorer(model, ScorerConfig(ann_lists=4, ann_probe=4)))
+    assert full["recall@20"] > 0
+    for name in ("recall@20", "mrr@20", "ndcg@20"):
+        assert math.isclose(exact[name], full[name], rel_tol=1e-9), name  # no ties in float scores
+        assert math.isclose(ann[name], full[name], rel_tol=1e-9), name

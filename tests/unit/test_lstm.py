@@ -90,48 +90,23 @@ def test_fast_top_k_returns_exactly_torch_topk(B, V):
     assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
 
 
-@pytest.mark.parametrize("B,rows", [(600, 256), (37, 16), (5, None)])
-def test_blockwise_score_top_k_equals_scoring_everything_then_topk(B, rows):
-    from models.topk import score_top_k
-
-    torch.manual_seed(B)
-    model = RecurrentRecommender(ModelConfig(n_items=3001, embedding_dim=16, hidden_dim=16)).eval()
-    queries = torch.randn(B, 16)
-    banned = torch.tensor([0, 5, 2999])  # e.g. purchased items, masked in every block
-
-    def mask(block, first):
-        block[:, banned] = float("-inf")
-        assert block.size(0) <= (rows or 256) and first % (rows or 256) == 0
-
-    with torch.inference_mode():
-        full = model.score(queries)
-        full[:, banned] = float("-inf")
-        expected = torch.topk(full, 20, dim=1)
-        values, indices = score_top_k(model, queries, 20, buffer=torch.empty(B, 3001), rows=rows, mask=mask)
-    assert torch.equal(indices, expected.indices) and torch.allclose(values, expected.values)
-    assert not set(banned.tolist()) & set(indices.flatten().tolist())
-
-
 def test_one_step_serves_every_caller_with_the_same_states_and_scores():
     torch.manual_seed(2)
     model = RecurrentRecommender(ModelConfig(n_items=300, embedding_dim=8, hidden_dim=16, dropout=0.0)).eval()
     state, items, types = torch.randn(5, model.config.state_size), torch.tensor([1, 5, 9, 9, 0]), torch.tensor([0, 1, 0, 0, 1])
     full = step(model, state, items, types)  # the evaluator: every item's score
-    top = step(model, state, items, types, k=7, buffer=torch.empty(5, 300))  # the worker and the benchmark
+    top = step(model, state, items, types, k=7)  # the worker and the benchmark
     bare = step(model, state, items, types, score=False)  # re-warming after a swap
     assert full.scores.shape == (5, 300) and top.scores is None and bare.scores is bare.top_items is None
     assert torch.equal(full.state, top.state) and torch.equal(full.state, bare.state)
     assert torch.equal(top.top_items, torch.topk(full.scores, 7).indices)
     assert torch.allclose(top.top_scores, torch.topk(full.scores, 7).values)
 
-    def no_item_zero_or_one(block, first):
-        block[:, :2] = float("-inf")
-
-    masked = step(model, state, items, types, k=7, mask=no_item_zero_or_one)
+    masked = step(model, state, items, types, k=7, exclude=[[0, 1]] * 5)
     assert not set(masked.top_items.flatten().tolist()) & {0, 1}
     calls = []
 
-    def scorer(model_, queries, k, buffer, mask):  # an approximate search plugs in here
+    def scorer(model_, queries, k, exclude):  # an approximate search plugs in here
         calls.append((queries.shape, k))
         return torch.zeros(queries.size(0), k), torch.zeros(queries.size(0), k, dtype=torch.long)
 

@@ -1,0 +1,203 @@
+"""Scorers: the k best items for a batch of query vectors, exactly or approximately.
+
+    exact  every item scored (one GEMM per block of queries) and an exact top-k; blocks are sized
+           for the CPU's cache, or on a GPU to a memory budget, so that a batch of 4,096 against
+           1,000,000 items never allocates a 16 GB score matrix
+    ann    approximate maximum-inner-product search (faiss IVF) over the model's item embeddings,
+           then exact re-scoring of the candidates with the model's own weights
+
+Both keep one contract (`tests/unit/test_scorers.py`): K distinct items per query, best first;
+the items in a query's `exclude` list never returned; fewer than K only when fewer than K items
+are left after exclusion (the rest score -inf). An ANN query that finds too few usable candidates
+is answered exactly.
+
+`build_scorer` makes the configured one for a loaded model; it can take seconds for the index at
+1,000,000 items, so callers build it where the model is loaded, off the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+
+from models.errors import ConfigError
+from models.topk import top_k
+
+if TYPE_CHECKING:
+    from models.lstm import RecurrentRecommender
+
+Exclude = Sequence[Sequence[int]]  # per query row: item indices that must not be recommended
+SCORERS = ("auto", "exact", "ann")
+CPU_BLOCK_ROWS = 256  # on a CPU: a block of scores that stays in cache while its top-k is taken
+
+
+class Scorer(Protocol):
+    name: str
+
+    def __call__(self, model: RecurrentRecommender, queries: torch.Tensor, k: int,
+                 exclude: Exclude | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, E) -> (values (B, k), item indices (B, k)), best first."""
+        ...
+
+
+@dataclass
+class ScorerConfig:
+    kind: str = "auto"  # auto, exact or ann
+    ann_min_items: int = 200_000  # auto picks ann on a CPU from this many items (docs/performance.md)
+    ann_lists: int = 0  # IVF lists; 0 = 4 * sqrt(items), at least 1
+    ann_probe: int = 0  # lists searched per query; 0 = lists / 32, at least 8
+    ann_candidates: int = 100  # candidates re-scored exactly per query (at least k + excluded)
+    score_memory_mb: int = 1024  # exact scoring on a GPU: memory for one block of scores
+    threads: int = 0  # faiss threads; 0 = its default (all cores)
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCORERS:
+            raise ConfigError(f"config: scorer must be one of {', '.join(SCORERS)}, got {self.kind!r}")
+        if self.score_memory_mb < 1 or self.ann_candidates < 1 or self.ann_lists < 0 or self.ann_probe < 0:
+            raise ConfigError("config: score_memory_mb and ann_candidates must be >= 1, ann_lists and ann_probe >= 0")
+
+
+def block_rows(device: torch.device, n_items: int, batch: int, memory_bytes: int) -> int:
+    """Queries scored per block: CPU_BLOCK_ROWS on a CPU; on a GPU as many as fit in
+    `memory_bytes` of float32 scores (at least 1, at most the batch)."""
+    if device.type == "cpu":
+        return CPU_BLOCK_ROWS
+    return max(1, min(batch, memory_bytes // (4 * n_items)))
+
+
+def exclusion_index(exclude: Exclude, first: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows first..first+n of `exclude` -> (row indices, item indices) relative to the block."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for r in range(n):
+        items = exclude[first + r]
+        rows.extend([r] * len(items))
+        cols.extend(items)
+    return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device))
+
+
+class ExactScorer:
+    """Every item scored; the block of scores is a reused buffer (no fresh B x V matrix per step)."""
+
+    name = "exact"
+
+    def __init__(self, score_memory_mb: int = 1024, rows: int | None = None) -> None:
+        self.memory_bytes = score_memory_mb * 2**20
+        self.rows = rows  # forced block size (tests); None = block_rows()
+        self.largest_block = 0  # rows of the largest block scored so far
+        self._buffer: torch.Tensor | None = None
+
+    def _scratch(self, rows: int, n_items: int, device: torch.device) -> torch.Tensor:
+        buf = self._buffer
+        if buf is None or buf.size(0) < rows or buf.size(1) != n_items or buf.device != device:
+            buf = self._buffer = torch.empty(rows, n_items, device=device)
+        return buf
+
+    def __call__(self, model: RecurrentRecommender, queries: torch.Tensor, k: int,
+                 exclude: Exclude | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, V = queries.size(0), model.config.n_items
+        rows = self.rows or block_rows(queries.device, V, B, self.memory_bytes)
+        rows = min(rows, max(B, 1))
+        buffer = self._scratch(rows, V, queries.device)
+        values = torch.empty(B, k, device=queries.device)
+        indices = torch.empty(B, k, dtype=torch.long, device=queries.device)
+        for start in range(0, B, rows):
+            block = queries[start : start + rows]
+            n = block.size(0)
+            self.largest_block = max(self.largest_block, n)
+            scores = model.score(block, out=buffer[:n])
+            if exclude is not None:
+                r, c = exclusion_index(exclude, start, n, scores.device)
+                scores[r, c] = float("-inf")
+            values[start : start + n], indices[start : start + n] = top_k(scores, k)
+        return values, indices
+
+
+class AnnScorer:
+    """faiss IVF inner-product search over [item embedding, item bias] with queries [q, 1], so that
+    the inner product is the model's score; then exact re-scoring of the candidates in torch."""
+
+    name = "ann"
+
+    def __init__(self, model: RecurrentRecommender, config: ScorerConfig) -> None:
+        try:
+            import faiss  # a compute library, imported only when ann is chosen
+        except ImportError:
+            raise ConfigError("scorer ann needs the faiss-cpu package (pip install faiss-cpu)") from None
+        started = time.perf_counter()
+        if config.threads:
+            faiss.omp_set_num_threads(config.threads)
+        with torch.no_grad():
+            weight = model.output_embedding().detach().float()
+            bias = model.item_bias.detach().float()
+        self.weight, self.bias = weight, bias  # the model's tensors, on its device: the re-scoring
+        vectors = torch.cat([weight, bias.unsqueeze(1)], dim=1).cpu().numpy().astype(np.float32)
+        V, d = vectors.shape
+        self.n_items = V
+        self.lists = config.ann_lists or max(1, min(int(4 * math.sqrt(V)), V // 39 or 1))
+        self.probe = min(self.lists, config.ann_probe or max(8, self.lists // 32))
+        self.candidates = config.ann_candidates
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, self.lists, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        sample = vectors[rng.choice(V, size=min(V, 64 * self.lists), replace=False)]
+        index.train(sample)
+        index.add(vectors)
+        index.nprobe = self.probe
+        self.index = index
+        self.exact = ExactScorer(config.score_memory_mb)
+        self.build_seconds = time.perf_counter() - started
+        self.index_bytes = int(V * d * 4 + V * 8 + self.lists * d * 4)  # vectors, ids, centroids
+
+    def __call__(self, model: RecurrentRecommender, queries: torch.Tensor, k: int,
+                 exclude: Exclude | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, device = queries.size(0), queries.device
+        longest = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        n_cand = min(self.n_items, max(self.candidates, k + longest))
+        q = torch.cat([queries.float(), torch.ones(B, 1, device=device)], dim=1).cpu().numpy()
+        _, found = self.index.search(np.ascontiguousarray(q, dtype=np.float32), n_cand)
+        cand = torch.from_numpy(found).to(device)  # (B, C); -1 = no candidate
+        usable = cand >= 0
+        safe = cand.clamp(min=0)
+        scores = torch.bmm(self.weight[safe], queries.float().unsqueeze(2)).squeeze(2) + self.bias[safe]
+        if exclude is not None and longest:
+            banned = torch.full((B, longest), -1, dtype=torch.long, device=device)
+            for r, items in enumerate(exclude):
+                if items:
+                    banned[r, : len(items)] = torch.tensor(list(items), dtype=torch.long, device=device)
+            usable &= ~(cand.unsqueeze(2) == banned.unsqueeze(1)).any(dim=2)
+        scores = scores.masked_fill(~usable, float("-inf"))
+        values, pos = torch.topk(scores, min(k, n_cand), dim=1)
+        indices = safe.gather(1, pos)
+        if values.size(1) < k:  # a catalogue smaller than k: pad as exact scoring would
+            pad = k - values.size(1)
+            values = torch.cat([values, torch.full((B, pad), float("-inf"), device=device)], dim=1)
+            indices = torch.cat([indices, torch.zeros(B, pad, dtype=torch.long, device=device)], dim=1)
+        allowed = self.n_items - torch.tensor([len(set(e)) for e in exclude] if exclude is not None else [0] * B,
+                                              device=device)
+        short = (torch.isfinite(values).sum(dim=1) < torch.clamp(allowed, max=k)).nonzero().flatten()
+        if short.numel():  # too few usable candidates: these queries are answered exactly
+            rows = short.tolist()
+            sub = [exclude[r] for r in rows] if exclude is not None else None
+            values[short], indices[short] = self.exact(model, queries[short], k, sub)
+        return values, indices
+
+
+def choose(config: ScorerConfig, device: torch.device, n_items: int) -> str:
+    """'auto' -> ann on a CPU from `ann_min_items` items, exact otherwise."""
+    if config.kind != "auto":
+        return config.kind
+    return "ann" if device.type == "cpu" and n_items >= config.ann_min_items else "exact"
+
+
+def build_scorer(model: RecurrentRecommender, config: ScorerConfig, device: torch.device | str) -> Scorer:
+    """The configured scorer for `model` (which must be on `device`); ann builds its index here."""
+    if choose(config, torch.device(device), model.config.n_items) == "ann":
+        return AnnScorer(model, config)
+    return ExactScorer(config.score_memory_mb)
