@@ -24,11 +24,14 @@ PYEOF
 if [ "${QUICK:-0}" = 1 ]; then
     step --items 5000 --batches 1,64,256 --seconds 0.2 --users 10000
     step --items 50000 --batches 64,256 --seconds 0.2 --users 10000 --score-memory-mb 16
+    step --items 50000 --batches 64 --seconds 0.2 --users 10000 --gpu-tf32 true
     exit 0
 fi
 step --items 50000 --batches 1,64,1024,4096 --seconds 3                      # target: >= 1,000,000 events/s at 4,096
 step --items 1000000 --batches 64,1024,4096 --seconds 3                      # target: >= 100,000 events/s, exact
-step --items 1000000 --batches 4096,16384 --seconds 3 --score-memory-mb 256  # a smaller block budget: the memory bound
+step --items 1000000 --batches 1024,4096 --seconds 3 --score-memory-mb 4096  # larger blocks
+step --items 1000000 --batches 1024,4096 --seconds 3 --gpu-tf32 true         # TF32 candidates, float32 ranking
+step --items 1000000 --batches 4096,16384 --seconds 3 --score-memory-mb 256  # a small block budget: memory stays bounded
 if command -v java >/dev/null && "$PY" -c "import faust" 2>/dev/null; then
     PYTHONPATH=. "$PY" -m pipeline.cli bench e2e --device "$DEVICE" --json --plot ''
 else

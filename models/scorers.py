@@ -54,6 +54,7 @@ class ScorerConfig:
     ann_probe: int = 0  # lists searched per query; 0 = lists / 32, at least 8
     ann_candidates: int = 100  # candidates re-scored exactly per query (at least k + excluded)
     score_memory_mb: int = 1024  # exact scoring on a GPU: memory for one block of scores
+    gpu_tf32: bool = False  # exact scoring on a GPU: candidates by a TF32 product, re-scored in float32
     threads: int = 0  # faiss threads; 0 = its default (all cores)
 
     def __post_init__(self) -> None:
@@ -82,13 +83,24 @@ def exclusion_index(exclude: Exclude, first: int, n: int, device: torch.device) 
     return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device))
 
 
+def rescore(model: RecurrentRecommender, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Float32 scores of candidate `items` (B, C) for `queries` (B, E) -> (B, C)."""
+    weight = model.output_embedding()
+    return torch.bmm(weight[items].float(), queries.float().unsqueeze(2)).squeeze(2) + model.item_bias[items]
+
+
 class ExactScorer:
-    """Every item scored; the block of scores is a reused buffer (no fresh B x V matrix per step)."""
+    """Every item scored; the block of scores is a reused buffer (no fresh B x V matrix per step).
+
+    `tf32`: the block's product runs in TF32 on a GPU's tensor cores (about 1e-3 relative error)
+    and only picks the best 4k candidates, which are then re-scored in float32 and ranked: the
+    same top k unless an item outside the TF32 top 4k is within that error of the k-th best."""
 
     name = "exact"
 
-    def __init__(self, score_memory_mb: int = 1024, rows: int | None = None) -> None:
+    def __init__(self, score_memory_mb: int = 1024, rows: int | None = None, tf32: bool = False) -> None:
         self.memory_bytes = score_memory_mb * 2**20
+        self.tf32 = tf32
         self.rows = rows  # forced block size (tests); None = block_rows()
         self.largest_block = 0  # rows of the largest block scored so far
         self._buffer: torch.Tensor | None = None
@@ -111,11 +123,26 @@ class ExactScorer:
             block = queries[start : start + rows]
             n = block.size(0)
             self.largest_block = max(self.largest_block, n)
-            scores = model.score(block, out=buffer[:n])
+            if self.tf32:
+                previous = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = True
+                try:
+                    scores = model.score(block, out=buffer[:n])
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = previous
+            else:
+                scores = model.score(block, out=buffer[:n])
             if exclude is not None:
                 r, c = exclusion_index(exclude, start, n, scores.device)
                 scores[r, c] = float("-inf")
-            values[start : start + n], indices[start : start + n] = top_k(scores, k)
+            if self.tf32 and 4 * k < V:
+                _, cand = top_k(scores, 4 * k)
+                rescored = rescore(model, block, cand).masked_fill(~torch.isfinite(scores.gather(1, cand)),
+                                                                   float("-inf"))
+                best, pos = torch.topk(rescored, k, dim=1)
+                values[start : start + n], indices[start : start + n] = best, cand.gather(1, pos)
+            else:
+                values[start : start + n], indices[start : start + n] = top_k(scores, k)
         return values, indices
 
 
@@ -136,7 +163,6 @@ class AnnScorer:
         with torch.no_grad():
             weight = model.output_embedding().detach().float()
             bias = model.item_bias.detach().float()
-        self.weight, self.bias = weight, bias  # the model's tensors, on its device: the re-scoring
         vectors = torch.cat([weight, bias.unsqueeze(1)], dim=1).cpu().numpy().astype(np.float32)
         V, d = vectors.shape
         self.n_items = V
@@ -151,7 +177,7 @@ class AnnScorer:
         index.add(vectors)
         index.nprobe = self.probe
         self.index = index
-        self.exact = ExactScorer(config.score_memory_mb)
+        self.exact = ExactScorer(config.score_memory_mb, tf32=config.gpu_tf32)
         self.build_seconds = time.perf_counter() - started
         self.index_bytes = int(V * d * 4 + V * 8 + self.lists * d * 4)  # vectors, ids, centroids
 
@@ -165,7 +191,7 @@ class AnnScorer:
         cand = torch.from_numpy(found).to(device)  # (B, C); -1 = no candidate
         usable = cand >= 0
         safe = cand.clamp(min=0)
-        scores = torch.bmm(self.weight[safe], queries.float().unsqueeze(2)).squeeze(2) + self.bias[safe]
+        scores = rescore(model, queries, safe)
         if exclude is not None and longest:
             banned = torch.full((B, longest), -1, dtype=torch.long, device=device)
             for r, items in enumerate(exclude):
@@ -200,4 +226,4 @@ def build_scorer(model: RecurrentRecommender, config: ScorerConfig, device: torc
     """The configured scorer for `model` (which must be on `device`); ann builds its index here."""
     if choose(config, torch.device(device), model.config.n_items) == "ann":
         return AnnScorer(model, config)
-    return ExactScorer(config.score_memory_mb)
+    return ExactScorer(config.score_memory_mb, tf32=config.gpu_tf32 and torch.device(device).type == "cuda")

@@ -61,6 +61,7 @@ class Settings:
     ann_probe: int = 0  # ann: IVF lists searched per query; 0 = lists / 32 (more = closer to exact, slower)
     ann_candidates: int = 100  # ann: candidates re-scored exactly per query
     score_memory_mb: int = 1024  # exact scoring on a GPU: memory for one block of scores
+    gpu_tf32: bool = False  # exact scoring on a GPU: TF32 product for candidates, re-scored in float32
     max_record_bytes: int = 16384  # larger input records go to the dead-letter topic
     snapshot_dir: str = ""  # Parquet snapshots: a folder or pyarrow.fs URI; empty = <var_dir>/snapshots
     snapshot_interval: float = 60.0  # seconds between snapshots; 0 = no snapshots
@@ -74,7 +75,7 @@ class Settings:
         from models.scorers import ScorerConfig  # torch: not for the clients, which import this module
 
         return ScorerConfig(kind=self.scorer, ann_min_items=self.ann_min_items, ann_probe=self.ann_probe,
-                            ann_candidates=self.ann_candidates, score_memory_mb=self.score_memory_mb,
+                            ann_candidates=self.ann_candidates, score_memory_mb=self.score_memory_mb, gpu_tf32=self.gpu_tf32,
                             threads=self.torch_threads)
 
     @property

@@ -107,6 +107,18 @@ def test_gpu_block_sizing_runs_on_the_cpu_and_never_exceeds_the_memory_budget(mo
     assert torch.equal(items, expected.indices) and torch.allclose(values, expected.values)
 
 
+def test_the_gpu_tf32_path_picks_candidates_then_ranks_them_in_float32(model):
+    # on the CPU the product stays float32; the candidate and re-scoring path is the GPU's
+    scorer = ExactScorer(tf32=True, rows=64)
+    queries = torch.randn(200, E)
+    exclude = [[r % V] for r in range(200)]
+    expected = _full_top(model, queries, 20, exclude)
+    with torch.inference_mode():
+        values, items = scorer(model, queries, 20, exclude)
+    assert torch.equal(items, expected.indices) and torch.allclose(values, expected.values, atol=1e-5)
+    assert build_scorer(model, ScorerConfig(kind="exact", gpu_tf32=True), "cpu").tf32 is False  # GPU only
+
+
 def test_auto_picks_ann_on_a_cpu_for_large_catalogues_only(model):
     cfg = ScorerConfig(kind="auto", ann_min_items=3000)
     assert choose(cfg, torch.device("cpu"), 3001) == "ann"
