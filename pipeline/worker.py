@@ -51,6 +51,9 @@ def build(settings: Settings,
         ),
         device,
     )
+    if artifact is not None:
+        log.info("worker: model %s, %d items, scorer %s on %s", recommender.version, len(recommender.vocab),
+                 recommender.scorer.name, device)
     _rebuild_trending(recommender, settings)
     metrics = Metrics(registry or CollectorRegistry())
     metrics.model.info({"version": recommender.version})
