@@ -19,6 +19,9 @@ from models.lstm import RecurrentRecommender, init_state, step
 from models.scorers import Scorer
 
 
+SCORE_BYTES = 256 * 2**20  # scores held at once by evaluate_model: 64 sessions at a time at 1,000,000 items
+
+
 class RankMetrics:
     """Accumulates ranks and reports Recall@K, MRR@K and NDCG@K."""
 
@@ -71,6 +74,8 @@ def evaluate_model(
     Ranks come from every item's score; with a `scorer` (the worker's, e.g. approximate search)
     from the top-k it returns instead, a target outside it counting as a miss."""
     model.eval()
+    if scorer is None:  # every item's score for each slot: at most ~256 MiB of them at once
+        batch_size = min(batch_size, max(16, SCORE_BYTES // (4 * model.config.n_items)))
     metrics = RankMetrics(k)
     todo = [s for s in sessions if len(s.items) >= 2]
     nxt = 0

@@ -10,10 +10,11 @@ clicked in it with some probability. Sessions are separated by hours.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 
-from models.data import Session, sessionize
+from models.data import Session
 from models.events import CLICK, PURCHASE, Event
 
 
@@ -39,8 +40,8 @@ def catalog(cfg: SyntheticConfig) -> list[str]:
     return [item_id(n) for n in range(cfg.n_items)]
 
 
-def generate(cfg: SyntheticConfig) -> list[Event]:
-    """`cfg.n_events` events over `cfg.n_users` users, ordered by timestamp."""
+def _walk(cfg: SyntheticConfig, emit: Callable[[int, int, int, int, int], None]) -> None:
+    """The shop's random walk: `emit(user, session, item, event_type, timestamp_ms)` per event."""
     rng = random.Random(cfg.seed)
     shop = random.Random(cfg.catalog_seed)
     items = list(range(cfg.n_items))
@@ -52,7 +53,6 @@ def generate(cfg: SyntheticConfig) -> list[Event]:
     cum = [list(accumulate(weights[i] for i in c)) for c in cats]  # per category: O(log n) draws at any size
     prefs = [rng.sample(range(cfg.n_categories), 2) for _ in range(cfg.n_users)]
     per_user = max(1, cfg.n_events // cfg.n_users)
-    events: list[Event] = []
     for u in range(cfg.n_users):
         t = cfg.start_ms + rng.randrange(0, 3_600_000)
         quota = per_user + (1 if u < cfg.n_events - per_user * cfg.n_users else 0)
@@ -63,7 +63,7 @@ def generate(cfg: SyntheticConfig) -> list[Event]:
             clicked = []
             length = max(2, int(rng.expovariate(1 / cfg.session_length)) + 1)
             for _ in range(min(length, quota)):
-                events.append(Event(f"user-{u:05d}", item_id(cur), CLICK, t, session_id=f"u{u}-s{s}"))
+                emit(u, s, cur, CLICK, t)
                 clicked.append(cur)
                 quota -= 1
                 t += rng.randrange(5_000, 90_000)
@@ -74,10 +74,20 @@ def generate(cfg: SyntheticConfig) -> list[Event]:
                     pc = rng.choice(prefs[u])
                     cur = rng.choices(cats[pc], cum_weights=cum[pc])[0]
             if quota > 0 and rng.random() < cfg.purchase_rate:
-                events.append(Event(f"user-{u:05d}", item_id(rng.choice(clicked)), PURCHASE, t, session_id=f"u{u}-s{s}"))
+                emit(u, s, rng.choice(clicked), PURCHASE, t)
                 quota -= 1
             t += rng.randrange(2 * 3_600_000, 30 * 3_600_000)
             s += 1
+
+
+def generate(cfg: SyntheticConfig) -> list[Event]:
+    """`cfg.n_events` events over `cfg.n_users` users, ordered by timestamp."""
+    events: list[Event] = []
+
+    def emit(u: int, s: int, item: int, etype: int, t: int) -> None:
+        events.append(Event(f"user-{u:05d}", item_id(item), etype, t, session_id=f"u{u}-s{s}"))
+
+    _walk(cfg, emit)
     events.sort(key=lambda e: (e.timestamp_ms, e.user_id))
     return [
         Event(e.user_id, e.item_id, e.event_type, e.timestamp_ms, event_id=f"e{n}", session_id=e.session_id)
@@ -85,9 +95,20 @@ def generate(cfg: SyntheticConfig) -> list[Event]:
     ]
 
 
-def synthetic_sessions(cfg: SyntheticConfig, session_gap_s: float) -> tuple[list[Session], list[str]]:
-    """`generate(cfg)` cut into sessions, by start time, and the whole catalogue (items no
-    session holds too: a shop's long tail)."""
-    sessions = sessionize(generate(cfg), session_gap_s)
-    sessions.sort(key=lambda s: (s.times[0], s.key))
-    return sessions, catalog(cfg)
+def synthetic_sessions(cfg: SyntheticConfig) -> tuple[list[Session], list[str]]:
+    """The sessions of `generate(cfg)` by start time (the walk's own sessions, hours apart: what
+    cutting its events at a 30-minute gap gives, without holding millions of events), and the whole
+    catalogue (items no session holds too: a shop's long tail)."""
+    sessions: dict[tuple[int, int], Session] = {}
+    names = catalog(cfg)
+
+    def emit(u: int, s: int, item: int, etype: int, t: int) -> None:
+        session = sessions.get((u, s))
+        if session is None:
+            session = sessions[(u, s)] = Session(f"u{u}-s{s}")
+        session.items.append(names[item])
+        session.types.append(etype)
+        session.times.append(t / 1000.0)
+
+    _walk(cfg, emit)
+    return sorted(sessions.values(), key=lambda s: (s.times[0], s.key)), names

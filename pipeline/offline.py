@@ -90,7 +90,7 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
         syn = SyntheticConfig(n_events=args.synthetic, n_items=args.synthetic_items,
                               n_users=args.synthetic_users)
         print(f"train: generating {syn.n_events} synthetic events over {syn.n_items} items", file=sys.stderr)
-        sessions, catalog = synthetic_sessions(syn, args.session_gap)
+        sessions, catalog = synthetic_sessions(syn)
         source = f"synthetic:{args.synthetic}:items={syn.n_items}"
     else:
         sessions = read_sessions(args.data, args.format, args.session_gap)
@@ -129,7 +129,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
     p.add_argument("--session-gap", type=float, default=DEFAULT_SESSION_GAP_S)
-    p.add_argument("--scorer", choices=["auto", "exact", "ann"],
+    p.add_argument("--scorer", choices=["auto", "exact", "ann"], dest="top_scorer",
                    help="rank within the top-k of the worker's scorer (ann: approximate search) instead of "
                         "from every item's score; its settings from RECUR_ANN_* (see recur config)")
 
@@ -143,8 +143,8 @@ def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
         vocab = artifact.vocab
         indexed = index_sessions(test, vocab)
         total = sum(len(s.items) - 1 for s in indexed)
-        if args.scorer:
-            top_scorer = build_scorer(artifact.model, dataclasses.replace(settings.scorer_config(), kind=args.scorer),
+        if args.top_scorer:
+            top_scorer = build_scorer(artifact.model, dataclasses.replace(settings.scorer_config(), kind=args.top_scorer),
                                   device)
         with tqdm(total=total, unit="pred", file=sys.stderr, leave=False, desc="evaluate", disable=None) as bar:
             result = evaluate_model(artifact.model, indexed, k=args.k, device=device, progress=bar.update,

@@ -25,7 +25,7 @@ def learned_model(n_items: int, embedding_dim: int, hidden_dim: int, layers: int
         say(f"training the benchmark's model once: {n_events} synthetic events over {n_items} items "
             f"(cached in {registry})")
         sessions, catalog = synthetic_sessions(SyntheticConfig(n_events=n_events, n_items=n_items,
-                                                               n_users=max(1, n_events // 20)), 1800)
+                                                               n_users=max(1, n_events // 20)))
         cfg = TrainConfig(epochs=1, batch_size=256, valid_fraction=0.02, refit=False)
         result = train(sessions, dict(embedding_dim=embedding_dim, hidden_dim=hidden_dim, num_layers=layers),
                        cfg, catalog=catalog)
