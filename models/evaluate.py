@@ -18,7 +18,6 @@ from models.data import IndexedSession
 from models.lstm import RecurrentRecommender, init_state, step
 from models.scorers import Scorer
 
-
 SCORE_BYTES = 256 * 2**20  # scores held at once by evaluate_model: 64 sessions at a time at 1,000,000 items
 
 
