@@ -34,7 +34,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # Adam weight decay
     max_len: int = 50  # longer sessions are split into windows of this length
     loss: str = "auto"  # "ce" (all items), "sampled", or "auto" (ce up to 50k items)
-    n_negatives: int = 2048  # popularity-sampled negatives for the sampled loss
+    n_negatives: int = 2048  # sampled negatives for the sampled loss
+    uniform_negatives: float = 0.0  # share of them drawn uniformly over the catalogue, the rest by popularity
     valid_fraction: float = 0.1  # newest share of sessions held out for early stopping
     patience: int = 3  # epochs without validation gain before stopping
     metric: str = "mrr@20"  # validation metric for early stopping
@@ -174,6 +175,7 @@ def train(
         optimizers, dense = make_optimizers(model, cfg, sparse=use_sampled)
         counts = np.bincount(np.concatenate([s.items for s in data]), minlength=len(vocab)).astype(np.float64)
         probs = (counts + 1.0) ** 0.75
+        probs = (1 - cfg.uniform_negatives) * probs / probs.sum() + cfg.uniform_negatives / len(vocab)
         log_q = torch.tensor(np.log(probs / probs.sum()), dtype=torch.float32, device=device)
         best_score, best_state, stale = -math.inf, None, 0
         for epoch in range(1, epochs + 1):

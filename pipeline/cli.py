@@ -23,6 +23,7 @@ Every setting is also a RECUR_* environment variable (see `recur config` and REA
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -227,7 +228,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     say = lambda line: print(f"[bench] {line}", file=sys.stderr)  # noqa: E731
     if args.what == "step":
         model, source = bench_model(args, settings, say)
-        result = run_step_bench(settings.device, model, settings.scorer_config(), args.users, args.k,
+        scorer = dataclasses.replace(settings.scorer_config(), threads=0)  # all cores, as torch has here
+        result = run_step_bench(settings.device, model, scorer, args.users, args.k,
                                 [int(b) for b in args.batches.split(",")], args.seconds, source)
     else:
         from pipeline.bench.e2e import run_e2e_bench

@@ -52,6 +52,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes, help="wall-clock cap (default 9)")
     p.add_argument("--valid-fraction", type=float, default=TrainConfig.valid_fraction,
                    help=f"newest share of sessions for early stopping (default {TrainConfig.valid_fraction})")
+    p.add_argument("--uniform-negatives", type=float, default=TrainConfig.uniform_negatives,
+                   help="sampled loss: share of negatives drawn uniformly over the catalogue, so that rarely seen "
+                        "items are pushed down too (default %(default)s)")
     p.add_argument("--no-refit", action="store_true", help="skip the final refit on all data")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--embedding-dim", type=int, default=64)
@@ -101,7 +104,7 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
                         cell=args.cell, attention_window=args.attention_window, dropout=args.dropout)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
                       max_minutes=args.max_minutes, refit=not args.no_refit, seed=args.seed, device=str(device),
-                      valid_fraction=args.valid_fraction)
+                      valid_fraction=args.valid_fraction, uniform_negatives=args.uniform_negatives)
     with tqdm(unit="batch", file=sys.stderr, leave=False, mininterval=2.0, disable=None) as bar:
         result = train(sessions, model_config, cfg, on_progress=_progress_printer(bar), catalog=catalog)
     meta = {**result.metadata(cfg), "source": source}
