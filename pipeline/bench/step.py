@@ -70,7 +70,7 @@ class StepBench:
         assert out.top_scores is not None and out.top_items is not None
         return out.top_scores, out.top_items
 
-    def overlap(self, batch: int, steps: int = 4) -> float:
+    def overlap(self, batch: int, steps: int = 5) -> float:
         """The share of the exact top-k that this bench's scorer returns, averaged over `steps`
         batches of `batch` queries (1.0 for exact). The queries are those of users who follow their
         recommendations: each starts on an item drawn by popularity (a model's vocabulary is in
@@ -82,6 +82,7 @@ class StepBench:
         gen = torch.Generator().manual_seed(1)
         popularity = 1.0 / (1.0 + torch.arange(self.n_items, dtype=torch.float64)) ** 0.8
         users = torch.randperm(self.n_users, generator=gen)[:batch].to(self.device)
+        self.store[users] = 0  # new users: the timing's random item sequences are no one's history
         items = torch.multinomial(popularity, users.numel(), replacement=True, generator=gen).to(self.device)
         types = torch.zeros_like(items)
         shares = []
