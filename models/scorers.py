@@ -52,7 +52,7 @@ class ScorerConfig:
     kind: str = "auto"  # auto, exact or ann
     ann_min_items: int = 200_000  # auto picks ann on a CPU from this many items (docs/performance.md)
     ann_lists: int = 0  # IVF lists; 0 = 4 * sqrt(items), at least 1
-    ann_probe: int = 0  # lists searched per query; 0 = lists / 32, at least 8
+    ann_probe: int = 0  # lists searched per query; 0 = lists / 32, at least 24
     ann_candidates: int = 100  # candidates re-scored exactly per query (at least k + excluded)
     score_memory_mb: int = 1024  # exact scoring on a GPU: memory for one block of scores
     gpu_tf32: bool = False  # exact scoring on a GPU: candidates by a TF32 product, re-scored in float32
@@ -176,7 +176,7 @@ class AnnScorer:
         V, d = vectors.shape
         self.n_items = V
         self.lists = config.ann_lists or max(1, min(int(4 * math.sqrt(V)), V // 39 or 1))
-        self.probe = min(self.lists, config.ann_probe or max(8, self.lists // 32))
+        self.probe = min(self.lists, config.ann_probe or max(24, self.lists // 32))
         self.candidates = config.ann_candidates
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, self.lists, faiss.METRIC_L2)
         rng = np.random.default_rng(0)

@@ -87,8 +87,8 @@ class StepBench:
         types = torch.zeros_like(items)
         shares = []
         for _ in range(steps):
-            _, got = self.step(users, items, types)
             _, want = self.step(users, items, types, scorer=exact, write=False)
+            _, got = self.step(users, items, types)  # same states; then writes the new ones
             for a, b in zip(got.tolist(), want.tolist()):
                 shares.append(len(set(a) & set(b)) / len(b))
             pick = torch.randint(0, want.size(1), (want.size(0),), generator=gen).to(self.device)

@@ -29,7 +29,7 @@ def test_step_bench_with_ann_reports_its_overlap_with_exact_and_its_index():
                                 n_users=1000, k=10, batches=[64], seconds=0.05, source="random")
     # every list searched: the same items but where two scores differ in float rounding only (an
     # untrained model has many near-equal scores; re-scoring and the GEMM sum in other orders)
-    assert exhaustive["scorer"] == "ann" and exhaustive["overlap_at_k"] >= 0.98
+    assert exhaustive["scorer"] == "ann" and exhaustive["overlap_at_k"] >= 0.99
     assert exhaustive["index_build_seconds"] >= 0 and exhaustive["index_bytes"] >= 3000 * 10 * 4  # [e, b, lift]
     assert exhaustive["ann"] == {"lists": 8, "probe": 8, "candidates": 100}
     narrow = run_step_bench("cpu", _artifact(3000), ScorerConfig(kind="ann", ann_lists=64, ann_probe=1,
