@@ -114,7 +114,8 @@ class OnlineRecommender:
         """Move a loaded model to this recommender's device and build its scorer (an ANN index
         takes seconds at 1,000,000 items): the slow half of a swap, for the loading thread."""
         artifact.model.to(self.device).eval()
-        return build_scorer(artifact.model, self.config.scorer, self.device)
+        return build_scorer(artifact.model, self.config.scorer, self.device, artifact.path,
+                            artifact.meta.get("weights_sha256", ""))
 
     def use(self, artifact: Artifact, scorer: Scorer | None = None) -> None:
         """Swap in a model and its scorer (from `prepare`; built here when not given); users on

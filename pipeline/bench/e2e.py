@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from models.artifacts import Artifact, save_artifact
+from models.artifacts import Artifact, publish_version, save_artifact
 from models.events import CLICK, Event
 from models.lstm import ModelConfig, RecurrentRecommender
+from models.scorers import INDEX_FILE
 from models.vocab import Vocabulary
 from pipeline import worker_process
 from pipeline.bench.loads import _faust_floor, _passthrough, _preload
@@ -134,7 +135,7 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         say("(a') an empty faust agent: batches and acks, nothing else (faust's own cost)")
         floor = _faust_floor(settings, n_events, registry)
         say(f"    {floor:.0f} events/s")
-        first_version = save_artifact(registry, artifact.model, artifact.vocab, {"source": "bench"}, publish=True).name
+        first_version = _publish(registry, artifact, "bench")
         worker_settings = dataclasses.replace(settings, bootstrap=settings.bootstrap_servers, models_dir=registry,
                                               var_dir=registry, metrics_port=0, log_level="warning")
         say("(b) recur worker on the same topic")
@@ -159,8 +160,7 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         while time.perf_counter() - t0 < latency_seconds:
             if swap and publisher is None and time.perf_counter() - t0 >= latency_seconds / 2:
                 published_ms = int(time.time() * 1000)
-                publisher = threading.Thread(target=save_artifact, args=(registry, artifact.model, artifact.vocab,
-                                                                         {"source": "bench swap"}, True))
+                publisher = threading.Thread(target=_publish, args=(registry, artifact, "bench swap"))
                 publisher.start()
             due = int((time.perf_counter() - t0) * rate)
             while sent < due:
@@ -225,6 +225,19 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
             say(f"could not delete this run's topics (bench-{run}-*): {type(e).__name__}")
         if broker is not None:
             say(broker.stop())
+
+
+def _publish(registry: str, artifact: Artifact, source: str) -> str:
+    """Publish `artifact`'s model as a new version of `registry`, with its stored ann index if it
+    has one (`recur train` stores it for large catalogues). -> the version."""
+    import shutil
+
+    path = save_artifact(registry, artifact.model, artifact.vocab, {"source": source})
+    for name in (INDEX_FILE, INDEX_FILE + ".json"):
+        if artifact.path and (artifact.path / name).exists():
+            shutil.copy(artifact.path / name, path / name)
+    publish_version(registry, path.name)
+    return path.name
 
 
 def _pct(ordered: list, p: float) -> float:

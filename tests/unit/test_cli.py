@@ -61,3 +61,24 @@ def test_every_flag_that_sets_a_setting_shows_its_default_from_settings():
             assert f"(default {shown}; env RECUR_{action.dest.upper()})" in action.help, (p.prog, action.dest)
             checked += 1
     assert checked >= 14  # worker --max-wait once said 0.05 while the code used 0.03
+
+
+def test_train_stores_the_ann_index_of_a_large_catalogue_before_publishing_and_the_worker_reads_it(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    from models.artifacts import current_version, load_artifact
+    from models.online import OnlineConfig, OnlineRecommender
+    from models.scorers import INDEX_FILE, ScorerConfig
+
+    monkeypatch.setenv("RECUR_ANN_MIN_ITEMS", "500")  # "large" here: 600 items
+    assert main(["train", "--synthetic", "3000", "--synthetic-items", "600", "--epochs", "1", "--no-refit",
+                 "--out", str(tmp_path), "--publish"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["items"] == 600 and out["ann_index_seconds"] is not None and out["published"]
+    artifact = load_artifact(tmp_path)  # the published version
+    assert artifact.path.name == current_version(tmp_path) and (artifact.path / INDEX_FILE).exists()
+    scorer = OnlineRecommender(None, OnlineConfig(scorer=ScorerConfig(ann_min_items=500))).prepare(artifact)
+    assert scorer.name == "ann" and scorer.loaded  # read, not built
+    monkeypatch.setenv("RECUR_ANN_MIN_ITEMS", "100000")
+    assert main(["train", "--synthetic", "3000", "--synthetic-items", "600", "--epochs", "1", "--no-refit",
+                 "--out", str(tmp_path / "small")]) == 0
+    assert json.loads(capsys.readouterr().out)["ann_index_seconds"] is None  # served exactly: no index

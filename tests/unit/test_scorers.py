@@ -178,3 +178,18 @@ def test_the_index_is_built_in_the_loading_thread_while_the_event_loop_keeps_run
     assert built_in and built_in[0] != loop_thread
     assert ticks >= 20  # 0.5 s of building, the loop ticked all along
     assert scorer.name == "ann" and artifact.model.config.n_items == V
+
+
+def test_an_index_stored_with_the_artifact_is_read_instead_of_built_and_only_for_its_weights(model, tmp_path):
+    from models.scorers import INDEX_FILE
+
+    cfg = ScorerConfig(kind="ann", ann_lists=16, ann_probe=4)
+    built = AnnScorer(model, cfg)
+    built.save(tmp_path / INDEX_FILE, "sha-of-these-weights")
+    read = build_scorer(model, cfg, "cpu", tmp_path, "sha-of-these-weights")
+    assert read.loaded and not built.loaded and (read.lists, read.probe) == (16, 4)
+    queries = torch.randn(30, E)
+    with torch.inference_mode():
+        assert torch.equal(read(model, queries, 20)[1], built(model, queries, 20)[1])
+    other = build_scorer(model, cfg, "cpu", tmp_path, "sha-of-retrained-weights")  # a new model: built anew
+    assert not other.loaded and other.lists == 16
