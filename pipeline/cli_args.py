@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting_flag(p, "--scorer", "top-k scorer", choices=["auto", "exact", "ann"])
     setting_flag(p, "--ann-probe", "ann: IVF lists searched per query, 0 = lists / 32, at least 24", type=int)
     setting_flag(p, "--ann-candidates", "ann: candidates re-scored exactly per query", type=int)
-    setting_flag(p, "--score-memory-mb", "exact scoring on a GPU: memory for one block of scores", type=int)
+    setting_flag(p, "--score-memory-mb", "exact scoring on a GPU: MiB for one block of scores, 0 = auto", type=int)
     setting_flag(p, "--gpu-tf32", "exact scoring on a GPU: TF32 candidates, re-scored in float32",
                  type=lambda v: v.lower() in ("1", "true", "yes", "on"))
     p.add_argument("--embedding-dim", type=int, default=64)

@@ -60,7 +60,7 @@ class Settings:
     ann_min_items: int = 200000  # auto: catalogues from this size use ann on a CPU (docs/performance.md)
     ann_probe: int = 0  # ann: IVF lists searched per query; 0 = lists / 32, at least 24 (more = closer to exact, slower)
     ann_candidates: int = 100  # ann: candidates re-scored exactly per query
-    score_memory_mb: int = 1024  # exact scoring on a GPU: memory for one block of scores
+    score_memory_mb: int = 0  # exact scoring on a GPU: MiB for one block of scores; 0 = 1/16 of the GPU, at most 4096
     gpu_tf32: bool = False  # exact scoring on a GPU: TF32 product for candidates, re-scored in float32
     max_record_bytes: int = 16384  # larger input records go to the dead-letter topic
     snapshot_dir: str = ""  # Parquet snapshots: a folder or pyarrow.fs URI; empty = <var_dir>/snapshots
@@ -169,8 +169,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: max_wait and fetch_max_wait must be > 0 seconds, backlog_wait >= 0")
     if s.scorer not in ("auto", "exact", "ann"):
         raise ConfigError(f"config: scorer must be auto, exact or ann, got {s.scorer!r}")
-    if s.ann_min_items < 1 or s.ann_probe < 0 or s.ann_candidates < 1 or s.score_memory_mb < 1:
-        raise ConfigError("config: ann_min_items, ann_candidates and score_memory_mb must be >= 1, ann_probe >= 0")
+    if s.ann_min_items < 1 or s.ann_probe < 0 or s.ann_candidates < 1 or s.score_memory_mb < 0:
+        raise ConfigError("config: ann_min_items and ann_candidates must be >= 1, ann_probe and score_memory_mb >= 0")
     if s.torch_threads < 0:
         raise ConfigError("config: torch_threads must be >= 0 (0 = torch's default)")
     if s.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):

@@ -173,6 +173,6 @@ def run_step_bench(device_name: str, artifact: Artifact, scorer_config: ScorerCo
         "scoring_flops_at_batch": round(score_flops),
         "gemm_efficiency": float(f"{score_flops / gemm:.4g}"),  # 4 significant digits: tiny runs stay > 0
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "score_memory_mb": getattr(scorer, "memory_bytes", 0) // 2**20 or None,
+        "score_memory_mb": getattr(scorer, "memory_bytes", 0) // 2**20 or None,  # on a GPU: the block used
         "gpu_tf32": bool(getattr(scorer, "tf32", False)),
     }

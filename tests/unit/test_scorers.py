@@ -119,6 +119,16 @@ def test_the_gpu_tf32_path_picks_candidates_then_ranks_them_in_float32(model):
     assert build_scorer(model, ScorerConfig(kind="exact", gpu_tf32=True), "cpu").tf32 is False  # GPU only
 
 
+def test_the_default_gpu_block_is_a_sixteenth_of_its_memory_at_most_4_gib():
+    from models.scorers import auto_block_bytes
+
+    assert auto_block_bytes(143_771 * 2**20) == 4 * 2**30  # an H200: 4 GiB, 1,073 rows at 1,000,000 items
+    assert auto_block_bytes(16 * 2**30) == 2**30  # a 16 GB card: 1 GiB
+    assert auto_block_bytes(8 * 2**30) == 2**29
+    assert block_rows(torch.device("cuda"), 1_000_000, 4096, auto_block_bytes(143_771 * 2**20)) == 1073
+    assert ExactScorer().memory_bytes == 0  # sized on first use, from the device it runs on
+
+
 def test_auto_picks_ann_on_a_cpu_for_large_catalogues_only(model):
     cfg = ScorerConfig(kind="auto", ann_min_items=3000)
     assert choose(cfg, torch.device("cpu"), 3001) == "ann"
