@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -93,6 +94,17 @@ def exclusion_index(exclude: Exclude, first: int, n: int, device: torch.device) 
     return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device))
 
 
+@contextmanager
+def tf32_products(on: bool) -> Iterator[None]:
+    """With `on`, matrix products on a GPU run in TF32 inside the block; the setting is restored after."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on or previous
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def rescore(model: RecurrentRecommender, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Float32 scores of candidate `items` (B, C) for `queries` (B, E) -> (B, C)."""
     weight = model.output_embedding()
@@ -135,14 +147,7 @@ class ExactScorer:
             block = queries[start : start + rows]
             n = block.size(0)
             self.largest_block = max(self.largest_block, n)
-            if self.tf32:
-                previous = torch.backends.cuda.matmul.allow_tf32
-                torch.backends.cuda.matmul.allow_tf32 = True
-                try:
-                    scores = model.score(block, out=buffer[:n])
-                finally:
-                    torch.backends.cuda.matmul.allow_tf32 = previous
-            else:
+            with tf32_products(self.tf32):  # the GEMM only: candidates are re-scored in float32
                 scores = model.score(block, out=buffer[:n])
             if exclude is not None:
                 r, c = exclusion_index(exclude, start, n, scores.device)

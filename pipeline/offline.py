@@ -17,7 +17,7 @@ from models.baselines import BASELINES, build_baseline
 from models.data import DEFAULT_SESSION_GAP_S, index_sessions
 from models.errors import ConfigError
 from models.evaluate import evaluate_model, evaluate_scorer
-from models.lstm import resolve_device
+from models.lstm import RecurrentRecommender, resolve_device
 from models.scorers import INDEX_FILE, AnnScorer, build_scorer, choose
 from models.train import TrainConfig, train
 from models.vocab import Vocabulary
@@ -111,7 +111,7 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
     meta = {**result.metadata(cfg), "source": source}
     registry = args.out or settings.models_path
     path = save_artifact(registry, result.model.cpu(), result.vocab, meta)
-    index_seconds = store_ann_index(path, settings)
+    index_seconds = store_ann_index(path, result.model, settings)
     if args.publish:
         publish_version(registry, path.name)
     best = result.best
@@ -126,17 +126,17 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def store_ann_index(path: Path, settings: Settings) -> float | None:
+def store_ann_index(path: Path, model: RecurrentRecommender, settings: Settings) -> float | None:
     """For a catalogue that a CPU worker serves with ann (RECUR_SCORER, RECUR_ANN_MIN_ITEMS), build
-    the index now and store it with the artifact, before it is published: the worker then reads it
-    instead of spending ~20 s of a core on it while it serves. -> seconds, None when not needed."""
-    artifact = load_artifact(path)
+    the index of `model` (just saved at `path`) now and store it with the artifact, before it is
+    published: the worker then reads it instead of spending ~20 s of a core on it while it serves.
+    -> seconds, None when not needed."""
     config = dataclasses.replace(settings.scorer_config(), threads=0)  # all cores: nothing else runs here
-    if choose(config, torch.device("cpu"), artifact.model.config.n_items) != "ann":
+    if choose(config, torch.device("cpu"), model.config.n_items) != "ann":
         return None
-    print(f"train: building the ann index for {artifact.model.config.n_items} items", file=sys.stderr)
-    scorer = AnnScorer(artifact.model, config)
-    scorer.save(path / INDEX_FILE, artifact.meta["weights_sha256"])
+    print(f"train: building the ann index for {model.config.n_items} items", file=sys.stderr)
+    scorer = AnnScorer(model, config)
+    scorer.save(path / INDEX_FILE, json.loads((path / "meta.json").read_text())["weights_sha256"])
     return round(scorer.build_seconds, 1)
 
 
