@@ -11,7 +11,12 @@ import faust
 
 from pipeline import security
 from pipeline.config import Settings
-from pipeline.faust_internals import hold_flow_until_seek, limit_fetch_wait, set_producer_buffer
+from pipeline.faust_internals import (
+    hold_flow_until_seek,
+    limit_fetch_wait,
+    seek_uncommitted_to_beginning,
+    set_producer_buffer,
+)
 
 
 @dataclass
@@ -25,6 +30,7 @@ class Streams:
 
 def create_app(settings: Settings) -> Streams:
     limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
+    seek_uncommitted_to_beginning()
     store = "memory://" if settings.store == "memory" else "rocksdb://"
     app = faust.App(
         settings.app_id,

@@ -60,6 +60,48 @@ def test_the_patched_factory_sets_the_wait_on_the_consumer_faust_makes():
     assert faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer is create
 
 
+def test_aiokafka_leaves_a_partition_without_a_committed_offset_where_the_fetcher_got_to():
+    """The assumption behind `seek_uncommitted_to_beginning`: faust's seek after a rebalance (and
+    after records it dropped while its flow was stopped) is aiokafka's seek_to_committed, which
+    seeks only partitions with a committed offset above 0."""
+    source = inspect.getsource(aiokafka.AIOKafkaConsumer.seek_to_committed)
+    assert "if offset and offset > 0:" in source and "return committed_offsets" in source
+    perform = inspect.getsource(faust.transport.consumer.Consumer.perform_seek)
+    assert "await self.seek_to_committed()" in perform
+    getmany = inspect.getsource(faust.transport.consumer.Consumer.getmany)
+    assert "await self.perform_seek()" in getmany  # how faust reads dropped records again
+    seek = faust_aiokafka.AIOKafkaConsumerThread.seek_to_committed
+    thread = inspect.getsource(getattr(seek, "__wrapped__", seek))
+    assert "self._ensure_consumer().seek_to_committed" in thread
+
+
+def test_the_seek_rewinds_input_partitions_without_a_commit_and_leaves_the_rest(streams):
+    class Consumer:  # aiokafka's two calls, recorded
+        def __init__(self):
+            self.rewound: list = []
+
+        async def seek_to_committed(self):
+            return {events(0): None, events(1): 1200, events(2): 0, changelog(0): None}
+
+        async def seek_to_beginning(self, *tps):
+            self.rewound.extend(tps)
+
+    def events(p):
+        return aiokafka.TopicPartition("events", p)
+
+    def changelog(p):
+        return aiokafka.TopicPartition("recur-user-state-changelog", p)
+
+    consumer = Consumer()
+    offsets = asyncio.run(internals.seek_committed_or_beginning(consumer, {"recur-user-state-changelog"}))
+    assert sorted(consumer.rewound) == [events(0), events(2)]  # committed 1200 stays; the changelog is recovery's
+    assert offsets[events(1)] == 1200 and offsets[events(0)] is None  # what faust records as read offsets
+    patched = faust_aiokafka.AIOKafkaConsumerThread.seek_to_committed
+    assert patched.recur_rewinds_uncommitted  # installed by create_app
+    internals.seek_uncommitted_to_beginning()  # idempotent: not wrapped twice
+    assert faust_aiokafka.AIOKafkaConsumerThread.seek_to_committed is patched
+
+
 def test_rebalance_complete_stops_the_flow_until_recovery_resumes_it(streams):
     """Recovery sends on_rebalance_complete right before it resumes the input partitions and
     seeks; events fetched before that seek were cleared from the queue and then skipped by the
