@@ -31,6 +31,7 @@ class BrokerError(RecurError):
 # every reason a record can be dead-lettered for (the `recur.error.reason` header and the
 # `reason` label of recur_dead_letters_total); the README's list is tested against this one
 DEAD_LETTER_REASONS = {
+    "forget_without_user": "an erasure request on the forget topic has no key (the key must be the user id)",
     "empty_value": "the record has no value, or an empty one",
     "too_large": "the value is larger than RECUR_MAX_RECORD_BYTES",
     "invalid_json": "the value is not valid UTF-8 JSON",

@@ -26,6 +26,7 @@ class Streams:
     recommendations: faust.TopicT
     dlq: faust.TopicT
     state: faust.types.TableT
+    forget: faust.TopicT  # erasure requests, keyed and partitioned as the events
 
 
 def create_app(settings: Settings) -> Streams:
@@ -68,6 +69,8 @@ def create_app(settings: Settings) -> Streams:
     recs = app.topic(settings.recommendations_topic, key_serializer="raw", value_serializer="raw",
                      partitions=settings.partitions)
     dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
+    forget = app.topic(settings.forget_topic, key_serializer="raw", value_serializer="raw",
+                       partitions=settings.partitions)
     state = app.Table(
         "user-state",
         key_type=bytes,  # bytes key and value: the table stores them raw
@@ -77,4 +80,4 @@ def create_app(settings: Settings) -> Streams:
     )
     hold_flow_until_seek(app)
     set_producer_buffer(app, max(1000, settings.max_batch * 4))
-    return Streams(app, events, recs, dlq, state)
+    return Streams(app, events, recs, dlq, state, forget)

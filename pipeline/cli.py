@@ -6,6 +6,7 @@
     recur produce --synthetic N            publish synthetic events
     recur produce --file PATH --format jsonl|session-tsv
     recur consume --max N --timeout S      print recommendations as JSON lines
+    recur forget USER_ID...                erase users (state, snapshot rows, last recommendations)
     recur train --data PATH --format session-tsv|jsonl|parquet [--out var/models] [--publish]
     recur evaluate --model DIR --data PATH --format session-tsv --k 20 --json
     recur evaluate --baseline pop|sr|sknn --train PATH --data PATH --format session-tsv --json
@@ -128,6 +129,21 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    from pipeline.clients import request_forget
+
+    settings = _settings(args)
+    result = request_forget(settings, args.users, args.timeout, wait=not args.no_wait)
+    print(json.dumps(result, indent=2))
+    if args.no_wait:
+        return 0
+    if not result["complete"]:
+        print(f"recur: forget: not every part confirmed within {args.timeout:g}s (is a worker running?); "
+              "the requests stay on the forget topic and are carried out when one runs", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.offline import train_command
 
@@ -167,8 +183,17 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
     from pipeline.snapshot_tools import compact, list_files
 
-    root = args.dir or _settings(args).snapshot_root
+    settings = _settings(args)
+    root = args.dir or settings.snapshot_root
     if args.action == "compact":
+        if settings.snapshot_retention > 0:
+            import time
+
+            from pipeline.snapshot_privacy import expire
+
+            gone = expire(root, settings.snapshot_retention, int(time.time() * 1000))
+            print(f"retention {settings.snapshot_retention:g} days: deleted {gone.files_removed} files; "
+                  f"oldest hour kept {gone.oldest_kept or 'none'}")
         merged = compact(root)
         for target, n in merged:
             print(f"{target}: merged {n} files")
@@ -256,6 +281,7 @@ COMMANDS = {
     "worker": cmd_worker,
     "produce": cmd_produce,
     "consume": cmd_consume,
+    "forget": cmd_forget,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "model": cmd_model,

@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latest", action="store_true", help="only records that arrive from now on")
     _broker_flags(p)
 
+    p = sub.add_parser("forget", help="erase users: their state, their snapshot rows, their last recommendations")
+    p.add_argument("users", nargs="+", metavar="USER_ID", help="user ids to forget")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the worker's reports (default 120)")
+    p.add_argument("--no-wait", action="store_true", help="send the requests and return")
+    _broker_flags(p)
+
     from pipeline.offline import add_evaluate_args, add_train_args
 
     p = sub.add_parser("train", help="train a model and store it in the registry")
@@ -85,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("snapshots", help="the Parquet snapshots the worker writes")
     p.add_argument("action", choices=["ls", "compact"])
     p.add_argument("--dir", help="snapshot folder or URI (default var/snapshots)")
+    setting_flag(p, "--snapshot-retention", "compact: delete files of event hours older than this many days, 0 = keep",
+                 type=float)
 
     p = sub.add_parser("bench", help="benchmarks: the model step alone, or end to end through the broker")
     p.add_argument("what", choices=["step", "e2e"])

@@ -17,7 +17,7 @@ from models.errors import BrokerError
 from models.events import Event
 from pipeline import security
 from pipeline.config import Settings
-from pipeline.records import encode_event
+from pipeline.records import encode_event, encode_forget
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,15 @@ def admin(settings: Settings) -> KafkaAdminClient:
 
 
 def create_topics(settings: Settings) -> list[str]:
-    """Create the events, recommendations and dead-letter topics; -> names newly created."""
+    """Create the events, recommendations, dead-letter, forget and forget-reports topics (the
+    forget topic with the events' partitions: a request must reach the owner of the user's
+    partition); -> names newly created."""
     client = admin(settings)
     created = []
     try:
         existing = set(client.list_topics())
-        for name in (settings.events_topic, settings.recommendations_topic, settings.dlq_topic):
+        for name in (settings.events_topic, settings.recommendations_topic, settings.dlq_topic,
+                     settings.forget_topic, settings.forget_reports_topic):
             if name in existing:
                 continue
             try:
@@ -187,8 +190,49 @@ def shift_to_now(events: list[Event]) -> list[Event]:
     return [Event(e.user_id, e.item_id, e.event_type, e.timestamp_ms + delta, e.event_id, e.session_id) for e in events]
 
 
-def as_json_line(value: bytes) -> str:
+def as_json_line(value: bytes | None) -> str:
+    if value is None:  # a tombstone: the user was forgotten (`recur forget`)
+        return json.dumps({"tombstone": True})
     try:
         return json.dumps(json.loads(value))
     except ValueError:
         return json.dumps({"undecodable_bytes": len(value)})
+
+
+def request_forget(settings: Settings, users: list[str], timeout_s: float, wait: bool = True) -> dict:
+    """Send one erasure request per user to the forget topic, then (with `wait`) read the
+    worker's reports until every request has its state part done, and its snapshots part when
+    snapshots are on, or `timeout_s`. -> {"requests": [{"request_id", "state", "snapshots"}], "complete"}."""
+    import json
+    import uuid
+
+    parts = ("state", "snapshots") if settings.snapshot_interval > 0 else ("state",)
+    create_topics(settings)  # the reports topic must exist for its end offsets
+    start = end_offsets(settings, settings.forget_reports_topic) if wait else {}
+    ids = [uuid.uuid4().hex for _ in users]
+    prod = producer(settings)
+    try:
+        now_ms = int(time.time() * 1000)
+        for user, request_id in zip(users, ids, strict=True):
+            key, value = encode_forget(user, request_id, now_ms)
+            prod.send(settings.forget_topic, key=key, value=value)
+        prod.flush()
+    except KafkaError as e:
+        raise BrokerError(f"forget: the broker refused the requests ({type(e).__name__})") from None
+    finally:
+        prod.close()
+    reports: dict[str, dict] = {request_id: {"request_id": request_id} for request_id in ids}
+    if wait:
+        deadline = time.monotonic() + timeout_s
+        missing = {(request_id, part) for request_id in ids for part in parts}
+        for _, value, _ in consume(settings, settings.forget_reports_topic, 0, timeout_s, start_offsets=start):
+            report = json.loads(value) if value else {}
+            request_id, part = report.pop("request_id", None), report.pop("part", None)
+            if (request_id, part) in missing:
+                reports[request_id][part] = report
+                missing.discard((request_id, part))
+            if not missing or time.monotonic() > deadline:
+                break
+    out = [reports[request_id] for request_id in ids]
+    complete = all(part in r for r in out for part in parts) if wait else False
+    return {"requests": out, "complete": complete, "waited_for": list(parts) if wait else []}

@@ -38,6 +38,8 @@ class Settings:
     events_topic: str = "events"  # input events, keyed by user id
     recommendations_topic: str = "recommendations"  # output, keyed by user id
     dlq_topic: str = "events-dlq"  # records that could not be processed
+    forget_topic: str = "forget"  # erasure requests, keyed by user id (`recur forget`)
+    forget_reports_topic: str = "forget-reports"  # what the worker did for each erasure request
     partitions: int = 4  # partitions of the three topics
     # -- worker -----------------------------------------------------------
     app_id: str = "recur"  # faust app id = consumer group and table prefix
@@ -65,6 +67,8 @@ class Settings:
     max_record_bytes: int = 16384  # larger input records go to the dead-letter topic
     snapshot_dir: str = ""  # Parquet snapshots: a folder or pyarrow.fs URI; empty = <var_dir>/snapshots
     snapshot_interval: float = 60.0  # seconds between snapshots; 0 = no snapshots
+    snapshot_user_key: str = ""  # secret: snapshots store HMAC-SHA256(key, user id) instead of the id; env only
+    snapshot_retention: float = 0.0  # days of snapshots kept (by event hour); 0 = kept forever
     users_count_interval: float = 60.0  # seconds between exact counts of the users in state (recur_users_in_state)
     metrics_port: int = 9464  # prometheus /metrics; 0 = off
     metrics_host: str = "127.0.0.1"  # interface for /metrics; 0.0.0.0 only inside a private network
@@ -115,8 +119,9 @@ class Settings:
     def public(self) -> dict[str, Any]:
         """Values safe to print: secrets masked."""
         out = dataclasses.asdict(self)
-        if out["sasl_password"]:
-            out["sasl_password"] = "***"
+        for secret in ("sasl_password", "snapshot_user_key"):
+            if out[secret]:
+                out[secret] = "***"
         return out
 
 
@@ -165,6 +170,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: users_count_interval must be > 0 seconds")
     if s.snapshot_interval < 0:
         raise ConfigError("config: snapshot_interval must be >= 0 seconds (0 = off)")
+    if s.snapshot_retention < 0:
+        raise ConfigError("config: snapshot_retention must be >= 0 days (0 = kept forever)")
     if s.max_wait <= 0 or s.fetch_max_wait <= 0 or s.backlog_wait < 0:
         raise ConfigError("config: max_wait and fetch_max_wait must be > 0 seconds, backlog_wait >= 0")
     if s.scorer not in ("auto", "exact", "ann"):

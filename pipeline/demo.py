@@ -74,6 +74,8 @@ def run_demo(user_settings: Settings, n_events: int) -> int:
         got, shown = 0, 0
         strategies: dict[str, int] = {}
         for _key, value, _h in consume(settings, settings.recommendations_topic, n, 60.0, start_offsets=start):
+            if value is None:  # a forgotten user's tombstone
+                continue
             rec = json.loads(value)
             got += 1
             strategies[rec["strategy"]] = strategies.get(rec["strategy"], 0) + 1
@@ -123,6 +125,8 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
         start = end_offsets(settings, settings.recommendations_topic)
         produce_events(settings, before)
         for _k, value, _h in consume(settings, settings.recommendations_topic, len(before), 90.0, start_offsets=start):
+            if value is None:  # a forgotten user's tombstone
+                continue
             rec = json.loads(value)
             lists[rec["event_id"]] = [i["item_id"] for i in rec["items"]]
         cold, _ = online_hit_rate(before, lists, {e.event_id for e in before[-2000:]})
@@ -141,6 +145,8 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
         produce_events(settings, after)
         versions = set()
         for _k, value, _h in consume(settings, settings.recommendations_topic, len(after), 90.0, start_offsets=start):
+            if value is None:  # a forgotten user's tombstone
+                continue
             rec = json.loads(value)
             lists[rec["event_id"]] = [i["item_id"] for i in rec["items"]]
             versions.add(rec["model_version"])

@@ -38,3 +38,7 @@ class Metrics:
         self.snapshot_last_success = Gauge("recur_snapshot_last_success_timestamp_seconds", "Unix time of the last successful snapshot", registry=registry)
         self.hits = Counter("recur_online_hits_total", "Events whose item was in the user's previous recommendation list", registry=registry)
         self.hit_opportunities = Counter("recur_online_hit_opportunities_total", "Events of users who had a previous recommendation list", registry=registry)
+        self.forget_requests = Counter("recur_forget_requests_total", "Erasure requests carried out, by part (state, snapshots)", ["part"], registry=registry)
+        self.forget_seconds = Histogram("recur_forget_seconds", "Seconds from an erasure request to its part done, by part (state, snapshots)", ["part"], buckets=_SECONDS_BUCKETS + (60, 120, 300), registry=registry)
+        self.forget_rows = Counter("recur_forget_snapshot_rows_total", "Snapshot rows removed by erasure requests", registry=registry)
+        self.snapshot_expired = Counter("recur_snapshot_files_expired_total", "Snapshot files deleted by the retention limit", registry=registry)

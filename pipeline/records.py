@@ -55,3 +55,31 @@ def dlq_headers(topic: str, partition: int, offset: int, error: BadRecord) -> li
         ("recur.error.reason", error.reason.encode()),
         ("recur.error.detail", error.detail.encode()),
     ]
+
+
+def encode_forget(user_id: str, request_id: str, requested_ms: int) -> tuple[bytes, bytes]:
+    """-> (key, value) of an erasure request for the forget topic: keyed by the user id, like
+    the events, so that it reaches the worker that holds the user's state."""
+    return user_id.encode(), orjson.dumps({"request_id": request_id, "requested_ms": requested_ms})
+
+
+def decode_forget(key: bytes | None, value: bytes | None, partition: int, offset: int) -> tuple[bytes, str]:
+    """-> (user key, request id) of an erasure request; any value is accepted (a shop's own
+    systems may send none), the request id then being "<partition>-<offset>"."""
+    if not key:
+        raise BadRecord("forget_without_user", "erasure request has no key; the key must be the user id")
+    request_id = f"{partition}-{offset}"
+    if value:
+        try:
+            obj = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("request_id"), str) and obj["request_id"]:
+            request_id = obj["request_id"][:100]
+    return key, request_id
+
+
+def encode_forget_report(request_id: str, part: str, **facts: int | float | bool) -> tuple[bytes, bytes]:
+    """-> (key, value) for the forget-reports topic: what one part of the worker (`state` or
+    `snapshots`) did for a request. Keyed by the request id; no user id."""
+    return request_id.encode(), orjson.dumps({"request_id": request_id, "part": part, **facts})

@@ -80,8 +80,9 @@ class Buffer:
         for column in self.__slots__:
             setattr(self, column, [])
 
-    def add(self, partition: int, offset: int, event: Event) -> None:
-        self.user_id.append(event.user_id)
+    def add(self, partition: int, offset: int, event: Event, user_id: str | None = None) -> None:
+        """Buffer `event`; its user is stored as `user_id` when given (a pseudonym)."""
+        self.user_id.append(event.user_id if user_id is None else user_id)
         self.partition.append(partition)
         self.offset.append(offset)
         self.item_id.append(event.item_id)
@@ -94,8 +95,14 @@ class Buffer:
 
     def without(self, partitions: set[int]) -> Buffer:
         """The events of every other partition."""
+        return self._keep([n for n, p in enumerate(self.partition) if p not in partitions])
+
+    def without_users(self, users: set[str]) -> Buffer:
+        """The events of every other user (as stored: pseudonyms when a key is set)."""
+        return self._keep([n for n, u in enumerate(self.user_id) if u not in users])
+
+    def _keep(self, keep: list[int]) -> Buffer:
         out = Buffer()
-        keep = [n for n, p in enumerate(self.partition) if p not in partitions]
         for column in self.__slots__:
             values = getattr(self, column)
             setattr(out, column, [values[n] for n in keep])

@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
 from models.errors import BadRecord
 from pipeline import security
-from pipeline.records import decode_event
+from pipeline.records import decode_event, decode_forget, encode_forget_report
 from pipeline.snapshot_files import Buffer, remove_uncommitted, write_snapshot
+from pipeline.snapshot_privacy import expire, forget_rows, pseudonymizer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,16 @@ SNAPSHOT_FETCH_WAIT_MS = 500
 # a flush also happens once this many events are buffered: writing them takes the GIL for a
 # while (~0.25 s per 50,000 events), and smaller flushes keep each stall of the worker short
 FLUSH_EVENTS = 50_000
+
+
+EXPIRE_EVERY_S = 600.0  # the retention limit is applied at most this often (and at start)
+
+
+@dataclass
+class ForgetRequest:
+    stored_id: str  # the user id as the snapshots store it (a pseudonym when a key is set)
+    request_id: str
+    requested_s: float  # the request record's timestamp
 
 
 def snapshot_group(app_id: str) -> str:
@@ -55,6 +67,10 @@ class SnapshotConsumer:
         self.consumer: AIOKafkaConsumer | None = None
         self.stopping = False
         self.done: asyncio.Event | None = None  # set when run() has flushed and closed
+        self.stored_id = pseudonymizer(settings.snapshot_user_key)
+        self.forgets: list[ForgetRequest] = []  # carried out at the next flush, before the commit
+        self.producer: AIOKafkaProducer | None = None  # for forget reports, started on the first request
+        self.last_expire = float("-inf")
 
     @property
     def _consumer(self) -> AIOKafkaConsumer:
@@ -63,8 +79,13 @@ class SnapshotConsumer:
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Before an assigned partition is read, remove what a crash left of it (`clean`)."""
-        self.unclean |= set(assigned)
+        self.unclean |= self._event_tps(assigned)
         await self.clean()
+
+    def _event_tps(self, tps) -> set[TopicPartition]:  # noqa: ANN001 - any collection of them
+        """The events topic's partitions among `tps` (the files are named by those; the forget
+        topic's partitions, read too, have no files)."""
+        return {tp for tp in tps if tp.topic == self.settings.events_topic}
 
     async def _positions(self, tps: set[TopicPartition]) -> None:
         """Where a re-read of each partition starts: the committed offset, or the log start when none."""
@@ -117,7 +138,7 @@ class SnapshotConsumer:
         self.consumer = AIOKafkaConsumer(group_id=snapshot_group(s.app_id), enable_auto_commit=False,
                                          auto_offset_reset="earliest", fetch_min_bytes=SNAPSHOT_FETCH_MIN_BYTES,
                                          fetch_max_wait_ms=SNAPSHOT_FETCH_WAIT_MS, **security.aiokafka(s))
-        self.consumer.subscribe([s.events_topic], listener=OnRebalance())
+        self.consumer.subscribe([s.events_topic, s.forget_topic], listener=OnRebalance())
         await self.consumer.start()
         last_flush = time.monotonic()
         try:
@@ -127,20 +148,37 @@ class SnapshotConsumer:
                 now_ms = int(time.time() * 1000)
                 for tp, messages in batches.items():
                     for m in messages:
-                        try:
-                            event = decode_event(m.key, m.value, s.max_record_bytes, now_ms)
-                        except BadRecord:
-                            event = None  # a dead letter: the worker sends it to the DLQ
-                        if event is not None:
-                            self.pending.add(m.partition, m.offset, event)
+                        if tp.topic == s.forget_topic:
+                            self._forget(m)
+                        else:
+                            try:
+                                event = decode_event(m.key, m.value, s.max_record_bytes, now_ms)
+                            except BadRecord:
+                                event = None  # a dead letter: the worker sends it to the DLQ
+                            if event is not None:
+                                self.pending.add(m.partition, m.offset, event, self.stored_id(event.user_id))
                         self.offsets[tp] = m.offset + 1
-                if time.monotonic() - last_flush >= s.snapshot_interval or len(self.pending) >= FLUSH_EVENTS:
+                if (self.forgets or time.monotonic() - last_flush >= s.snapshot_interval
+                        or len(self.pending) >= FLUSH_EVENTS):
                     await self.flush()
                     last_flush = time.monotonic()
             await self.flush()
         finally:
             await self.consumer.stop()
+            if self.producer is not None:
+                await self.producer.stop()
             self.done.set()
+
+    def _forget(self, m) -> None:  # noqa: ANN001 - an aiokafka ConsumerRecord
+        """An erasure request: drop the user's buffered events now; their rows in the files go
+        at the next flush, which comes at once."""
+        try:
+            key, request_id = decode_forget(m.key, m.value, m.partition, m.offset)
+        except BadRecord:
+            return  # the worker's forget agent sends it to the dead-letter topic
+        stored = self.stored_id(key.decode(errors="replace"))
+        self.pending = self.pending.without_users({stored})
+        self.forgets.append(ForgetRequest(stored, request_id, (m.timestamp or 0) / 1000))
 
     async def flush(self) -> None:
         """Write what is buffered, then commit those offsets; on failure remove what was written
@@ -158,9 +196,17 @@ class SnapshotConsumer:
             log.error("snapshot: writing %d events failed (%s); will retry", len(batch), type(e).__name__)
             batch.extend(self.pending)
             self.pending = batch
-            self.unclean |= set(offsets)  # the files written before the failure go before the retry
+            self.unclean |= self._event_tps(offsets)  # the files written before the failure go before the retry
             return
+        forgets = self.forgets
+        if forgets and not await self._carry_out(forgets):
+            batch.extend(self.pending)  # written but not committed: removed and written again at the retry
+            self.pending = batch
+            self.unclean |= self._event_tps(offsets)
+            return
+        self.forgets = self.forgets[len(forgets):]
         await self._consumer.commit(offsets)
+        await self._expire()
         self.positions.update(offsets)
         for tp, off in offsets.items():
             if self.offsets.get(tp) == off:
@@ -173,6 +219,54 @@ class SnapshotConsumer:
         m.snapshot_last_success.set(time.time())
         if written:
             log.info("snapshot: %d events in %d files", len(batch), len(written))
+
+    async def _carry_out(self, forgets: list[ForgetRequest]) -> bool:
+        """Remove the requested users' rows from every snapshot file and report each request;
+        -> False when that failed (retried at the next flush, nothing committed meanwhile)."""
+        started = time.perf_counter()
+        try:
+            done = await asyncio.get_running_loop().run_in_executor(
+                None, forget_rows, self.settings.snapshot_root, [f.stored_id for f in forgets])
+        except Exception as e:  # storage errors
+            self.metrics.snapshot_failures.inc()
+            log.error("forget: removing rows from the snapshots failed (%s); will retry", type(e).__name__)
+            return False
+        elapsed = time.perf_counter() - started
+        if self.producer is None:
+            self.producer = AIOKafkaProducer(acks="all", **security.aiokafka(self.settings))
+            await self.producer.start()
+        now = time.time()
+        for f in forgets:
+            seconds = max(0.0, now - f.requested_s) if f.requested_s else elapsed
+            key, value = encode_forget_report(f.request_id, "snapshots", users=len(forgets), files_scanned=done.files_scanned,
+                                              files_rewritten=done.files_rewritten, files_removed=done.files_removed,
+                                              rows_removed=done.rows_removed, events_removed=done.events_removed,
+                                              seconds=round(seconds, 3))
+            await self.producer.send_and_wait(self.settings.forget_reports_topic, value, key=key)
+            self.metrics.forget_requests.labels("snapshots").inc()
+            self.metrics.forget_seconds.labels("snapshots").observe(seconds)
+        self.metrics.forget_rows.inc(done.rows_removed)
+        log.info("forget: %d request(s): %d rows (%d events) removed from the snapshots, %d files rewritten, "
+                 "%d removed, %d scanned in %.2fs", len(forgets), done.rows_removed, done.events_removed,
+                 done.files_rewritten, done.files_removed, done.files_scanned, elapsed)
+        return True
+
+    async def _expire(self) -> None:
+        """Apply the retention limit (RECUR_SNAPSHOT_RETENTION days), at most every EXPIRE_EVERY_S."""
+        days = self.settings.snapshot_retention
+        if days <= 0 or time.monotonic() - self.last_expire < EXPIRE_EVERY_S:
+            return
+        self.last_expire = time.monotonic()
+        try:
+            done = await asyncio.get_running_loop().run_in_executor(
+                None, expire, self.settings.snapshot_root, days, int(time.time() * 1000))
+        except Exception as e:
+            log.error("snapshot: applying the retention limit failed (%s); will retry", type(e).__name__)
+            return
+        self.metrics.snapshot_expired.inc(done.files_removed)
+        if done.files_removed:
+            log.info("snapshot: %d files older than %g days deleted; oldest hour kept %s",
+                     done.files_removed, days, done.oldest_kept or "none")
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop reading, write and commit what is buffered."""

@@ -65,6 +65,17 @@ class StateStore:
         for partition, batch in batches.items():
             internals.partition_db(self.table, partition).write(batch)
 
+    def delete(self, key: bytes, partition: int) -> bool:
+        """Remove one user's state from the local store (the caller sends the changelog's
+        tombstone). -> whether there was one."""
+        if not self.direct:
+            return self.table.data.pop(key, None) is not None
+        db = internals.partition_db(self.table, partition)
+        existed = db.get(key) is not None
+        if existed:
+            db.delete(key)
+        return existed
+
     async def count(self) -> int:
         """Users with state in the partitions this worker owns, exactly: every key of each
         partition's database, in chunks between which the event loop runs on (~0.6 s per

@@ -21,6 +21,7 @@ from models.online import OnlineConfig, OnlineRecommender
 from pipeline.agents import register, register_users_gauge
 from pipeline.app import Streams, create_app
 from pipeline.config import Settings
+from pipeline.forget import Forgetter, register_forget
 from pipeline.handler import BatchHandler
 from pipeline.metrics import Metrics
 from pipeline.model_watch import register_model_watch
@@ -60,6 +61,7 @@ def build(settings: Settings,
     streams = create_app(settings)
     handler = BatchHandler(streams, recommender, metrics, settings)
     register(streams, handler, settings)
+    register_forget(streams, Forgetter(handler))
     register_model_watch(streams, handler, settings)
     register_users_gauge(streams, handler, metrics, settings.users_count_interval)
     snapshots = None

@@ -102,7 +102,8 @@ class Stack:
         """Read the recommendations topic from the start until `expected` records or a quiet `timeout`."""
         out = []
         for key, value, _ in consume(self.settings, self.settings.recommendations_topic, expected, timeout):
-            out.append((key, json.loads(value)))
+            if value is not None:  # tombstones: forgotten users
+                out.append((key, json.loads(value)))
         return out
 
     def dead_letters(self, expected: int, timeout: float = 30.0) -> list[tuple[bytes, bytes, dict]]:
@@ -121,6 +122,8 @@ def stack(bootstrap, model_registry, tmp_path) -> Stack:
         "RECUR_EVENTS_TOPIC": f"events-{run}",
         "RECUR_RECOMMENDATIONS_TOPIC": f"recs-{run}",
         "RECUR_DLQ_TOPIC": f"dlq-{run}",
+        "RECUR_FORGET_TOPIC": f"forget-{run}",
+        "RECUR_FORGET_REPORTS_TOPIC": f"forget-reports-{run}",
         "RECUR_MODELS_DIR": str(model_registry),
         "RECUR_DEVICE": "cpu",
         "RECUR_LOG_LEVEL": "info",
@@ -198,6 +201,8 @@ class Watcher:
         for batch in self.consumer.poll(timeout_ms=500).values():
             self.records.extend(batch)
             for r in batch:
+                if r.value is None:  # a forgotten user's tombstone
+                    continue
                 value = json.loads(r.value)
                 self._values.append(value)
                 if isinstance(value, dict) and "event_id" in value:

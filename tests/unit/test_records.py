@@ -56,6 +56,7 @@ def test_every_dead_letter_reason_is_reachable_and_listed_in_the_readme():
     from models.errors import DEAD_LETTER_REASONS
 
     reached = {case[2] for case in test_bad_records_name_their_reason_without_payload.pytestmark[0].args[1]}
+    reached.add("forget_without_user")  # test_an_erasure_request_needs_a_key_and_may_have_no_value
     assert reached == set(DEAD_LETTER_REASONS)
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("<!-- dead-letter reasons -->")[1]
@@ -82,3 +83,20 @@ def test_dlq_headers():
     assert headers["recur.original.topic"] == b"events"
     assert headers["recur.original.partition"] == b"3" and headers["recur.original.offset"] == b"42"
     assert headers["recur.error.reason"] == b"invalid_json" and headers["recur.error.class"] == b"BadRecord"
+
+
+def test_an_erasure_request_needs_a_key_and_may_have_no_value():
+    from pipeline.records import decode_forget, encode_forget, encode_forget_report
+
+    key, value = encode_forget("u1", "req-1", 1_700_000_000_000)
+    assert key == b"u1" and decode_forget(key, value, 2, 40) == (b"u1", "req-1")
+    assert decode_forget(b"u1", None, 2, 40) == (b"u1", "2-40")  # a shop's own tombstone-like request
+    assert decode_forget(b"u1", b"{not json", 2, 41) == (b"u1", "2-41")
+    for bad in (None, b""):
+        with pytest.raises(BadRecord) as info:
+            decode_forget(bad, value, 2, 42)
+        assert info.value.reason == "forget_without_user"
+    rkey, report = encode_forget_report("req-1", "state", had_state=True, seconds=0.01)
+    assert rkey == b"req-1" and json.loads(report) == {"request_id": "req-1", "part": "state", "had_state": True,
+                                                      "seconds": 0.01}
+    assert b"u1" not in report  # reports carry no user id
