@@ -85,9 +85,13 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.broker_check import check_broker
     from pipeline.worker import run_worker
 
-    run_worker(_settings(args))
+    settings = _settings(args)
+    if settings.security_protocol != "PLAINTEXT":  # credentials and ACLs: one clear line, not faust's retries
+        check_broker(settings, read_topic=settings.events_topic)
+    run_worker(settings)
     return 0
 
 

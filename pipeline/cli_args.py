@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("kafka", help="the local single-node Kafka")
     p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--sasl", dest="kafka_sasl", action="store_const", const=True, default=None,
+                   help="start: require SASL/PLAIN on the client port; the user is RECUR_SASL_USERNAME with "
+                        "RECUR_SASL_PASSWORD, more in RECUR_KAFKA_SASL_USERS=name:password,... "
+                        "(default False; env RECUR_KAFKA_SASL)")
 
     p = sub.add_parser("topics", help="create the topics")
     p.add_argument("action", choices=["create"])

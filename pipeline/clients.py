@@ -23,10 +23,23 @@ log = logging.getLogger(__name__)
 
 
 def _common(settings: Settings) -> dict:
+    if settings.security_protocol != "PLAINTEXT":
+        # kafka-python answers a wrong password with 30 s of retries and "no broker"; this says why, at once
+        from pipeline.broker_check import check_broker
+
+        check_broker(settings)
     return {"bootstrap_servers": settings.bootstrap_servers, **security.kafka_python(settings)}
 
 
 def _no_broker(settings: Settings) -> BrokerError:
+    """Why a kafka-python client could not start: the broker check's line (say, a PLAINTEXT
+    client at a SASL port), else "no broker"."""
+    from pipeline.broker_check import check_broker
+
+    try:
+        check_broker(settings, timeout=5.0)
+    except BrokerError as e:
+        return e
     return BrokerError(f"kafka: no broker answers at {settings.bootstrap_servers}; run `recur kafka start`")
 
 

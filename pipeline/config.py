@@ -34,6 +34,8 @@ class Settings:
     sasl_username: str = ""  # with SASL_*; pass through the environment, never in code
     sasl_password: str = ""  # with SASL_*; pass through the environment, never in code
     ssl_cafile: str = ""  # CA bundle for SSL / SASL_SSL
+    kafka_sasl: bool = False  # the local broker requires SASL/PLAIN (users: sasl_username + kafka_sasl_users)
+    kafka_sasl_users: str = ""  # the local SASL broker's other users, "name:password,..."; env only
     # -- topics -----------------------------------------------------------
     events_topic: str = "events"  # input events, keyed by user id
     recommendations_topic: str = "recommendations"  # output, keyed by user id
@@ -119,7 +121,7 @@ class Settings:
     def public(self) -> dict[str, Any]:
         """Values safe to print: secrets masked."""
         out = dataclasses.asdict(self)
-        for secret in ("sasl_password", "snapshot_user_key"):
+        for secret in ("sasl_password", "snapshot_user_key", "kafka_sasl_users"):
             if out[secret]:
                 out[secret] = "***"
         return out
@@ -182,5 +184,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: torch_threads must be >= 0 (0 = torch's default)")
     if s.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
         raise ConfigError(f"config: unknown security_protocol {s.security_protocol!r}")
+    if s.kafka_sasl and not (s.sasl_username and s.sasl_password):
+        raise ConfigError("config: kafka_sasl needs RECUR_SASL_USERNAME and RECUR_SASL_PASSWORD (the local broker's user)")
+    for entry in filter(None, s.kafka_sasl_users.split(",")):
+        if ":" not in entry or not entry.split(":", 1)[0] or not entry.split(":", 1)[1]:
+            raise ConfigError("config: kafka_sasl_users must be name:password pairs separated by commas")
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config: log_level must be debug, info, warning or error, got {s.log_level!r}")

@@ -39,6 +39,56 @@ class LocalKafka:
         self.data = self.home / "data"
         self.pid_file = self.home / "kafka.pid"
         self.log_file = self.home / "server.log"
+        self.admin_password_file = self.home / "admin.password"  # the broker's own SASL user, made at start
+
+    # -- SASL -----------------------------------------------------------------
+    @property
+    def sasl(self) -> bool:
+        """The broker requires SASL/PLAIN: asked for (`--sasl`), or how it was last started."""
+        return self.settings.kafka_sasl or self.admin_password_file.exists()
+
+    def admin_credentials(self) -> dict[str, str]:
+        """kafka-python options for the broker's own user (a super user: ACLs, health checks)."""
+        if not self.sasl:
+            return {}
+        return {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_plain_username": "admin",
+                "sasl_plain_password": self.admin_password_file.read_text().strip()}
+
+    def _users(self) -> dict[str, str]:
+        s = self.settings
+        users = {s.sasl_username: s.sasl_password}
+        for entry in filter(None, s.kafka_sasl_users.split(",")):
+            name, password = entry.split(":", 1)
+            users[name.strip()] = password
+        for name, password in users.items():
+            if any(c in name + password for c in '"\\\n ;='):
+                raise BrokerError("kafka: SASL user names and passwords may not hold quotes, backslashes, "
+                                  "spaces, ';', '=' or line breaks")
+        if "admin" in users:
+            raise BrokerError("kafka: 'admin' is the local broker's own user; choose another user name")
+        return users
+
+    def _sasl_lines(self) -> list[str]:
+        import secrets
+
+        if not self.admin_password_file.exists():
+            self.admin_password_file.write_text(secrets.token_urlsafe(24) + "\n")
+            self.admin_password_file.chmod(0o600)
+        admin = self.admin_password_file.read_text().strip()
+        users = " ".join(f'user_{name}="{password}"' for name, password in self._users().items())
+        return [
+            f"listeners=SASL_PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{self.port}",
+            "listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms=PLAIN",
+            "sasl.mechanism.inter.broker.protocol=PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule "
+            f'required username="admin" password="{admin}" user_admin="{admin}" {users};',
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users=User:admin;User:ANONYMOUS",  # ANONYMOUS: the controller listener, on 127.0.0.1 only
+            "allow.everyone.if.no.acl.found=true",  # ACLs restrict the resources they name
+        ]
 
     @property
     def bootstrap(self) -> str:
@@ -75,15 +125,24 @@ class LocalKafka:
     def _write_config(self) -> Path:
         self.home.mkdir(parents=True, exist_ok=True)
         props = self.home / "server.properties"
+        if self.settings.kafka_sasl:
+            listeners = self._sasl_lines()
+        else:
+            self.admin_password_file.unlink(missing_ok=True)
+            listeners = [
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            ]
+        props.touch(mode=0o600)
+        props.chmod(0o600)  # with SASL it holds the users' passwords
         props.write_text(
             "\n".join([
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                *listeners,
                 "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
                 f"log.dirs={self.data.resolve()}",
                 f"num.partitions={self.settings.partitions}",
                 "offsets.topic.replication.factor=1",
@@ -150,7 +209,8 @@ class LocalKafka:
         from kafka import KafkaAdminClient
 
         try:
-            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=int(timeout * 1000))
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=int(timeout * 1000),
+                                     **self.admin_credentials())
         except Exception:  # kafka-python raises NoBrokersAvailable and friends
             return False
         try:
