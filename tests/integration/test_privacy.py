@@ -8,6 +8,8 @@ import sys
 import time
 from collections import Counter
 
+from kafka import KafkaProducer
+
 from models.artifacts import load_artifact
 from models.events import Event
 from models.synthetic import SyntheticConfig, generate
@@ -93,7 +95,14 @@ def test_forget_erases_state_snapshot_rows_and_lists_and_the_next_event_starts_a
     kept = expected_lists(artifact, [e for e in events if e.user_id == gone] + [nxt])["after-forget"]
     assert fresh != kept  # the two differ, so the check below can tell them apart
     assert got == fresh
+    keyless = KafkaProducer(bootstrap_servers=stack.settings.bootstrap_servers)  # a shop's malformed request
+    keyless.send(stack.settings.forget_topic, key=None, value=b'{"request_id": "r"}').get(30)
+    keyless.close()
+    [(_, value, headers)] = stack.dead_letters(1)
+    assert headers["recur.error.reason"] == "forget_without_user" and value == b'{"request_id": "r"}'
+    assert headers["recur.original.topic"] == stack.settings.forget_topic
     text = scrape(worker)
+    assert metric(text, "recur_dead_letters_total", 'reason="forget_without_user"') == 1 and worker.poll() is None
     assert metric(text, "recur_forget_requests_total", 'part="state"') == 1
     assert metric(text, "recur_forget_requests_total", 'part="snapshots"') == 1
     assert metric(text, "recur_forget_seconds_count") == 2
