@@ -77,7 +77,8 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     created = create_topics(settings)
-    names = (settings.events_topic, settings.recommendations_topic, settings.dlq_topic)
+    names = (settings.events_topic, settings.recommendations_topic, settings.dlq_topic, settings.forget_topic,
+             settings.forget_reports_topic)
     for name in names:
         state = "created" if name in created else "exists"
         print(f"{name}: {state} ({settings.partitions} partitions)" if state == "created" else f"{name}: {state}")
