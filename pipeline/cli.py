@@ -218,10 +218,10 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
               f"{f' (+{copies} duplicate copies: recur snapshots compact removes them)' if copies else ''}, "
               f"{sum(f.size for f in files)} bytes, {when(min(f.first_ms for f in files))} .. "
               f"{when(max(f.last_ms for f in files))} (UTC)")
-    if listing.temporary_files:
-        print(f"{listing.temporary_files} temporary files (a write in progress, or left by a crash)")
     else:
         print(f"no snapshot files under {root}")
+    if listing.temporary_files:
+        print(f"{listing.temporary_files} temporary files (a write in progress, or left by a crash)")
     return 0
 
 
