@@ -54,6 +54,8 @@ class Settings:
     exclude_purchased: bool = True  # never recommend items the user bought
     exclude_current: bool = False  # never recommend the item just viewed
     trending_window: int = 10000  # events counted for cold-start trending items
+    changelog_segment_ms: int = 600000  # the state changelog's segments roll at least this often, so compaction runs
+    changelog_segment_bytes: int = 67108864  # ... or at this size (Kafka's default, 1 GiB, never rolled at our rates)
     commit_interval: float = 2.8  # seconds between commits of processed input offsets (faust's default)
     max_batch: int = 1024  # events per batched step at most
     max_wait: float = 0.03  # seconds to wait for more events once one is there (a backlog is taken at once)
@@ -166,6 +168,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"config: store must be rocksdb or memory, got {s.store!r}")
     if s.partitions < 1 or s.k < 1 or s.max_batch < 1 or s.recent_n < 1:
         raise ConfigError("config: partitions, k, max_batch and recent_n must be >= 1")
+    if s.changelog_segment_ms < 1000 or s.changelog_segment_bytes < 1048576:
+        raise ConfigError("config: changelog_segment_ms must be >= 1000 and changelog_segment_bytes >= 1048576")
     if s.commit_interval <= 0:
         raise ConfigError("config: commit_interval must be > 0 seconds")
     if s.users_count_interval <= 0:
