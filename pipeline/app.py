@@ -49,11 +49,10 @@ def create_app(settings: Settings) -> Streams:
         topic_replication_factor=1,
         processing_guarantee="at_least_once",  # exactly_once has open bugs; state updates are idempotent
         broker_commit_interval=settings.commit_interval,
-        # no standby tables: with faust 0.15.3's default of 1, a worker that took over a killed worker's
-        # partitions as promoted standbys never fetched their events again (2 of 2 runs lost every
-        # later event of those partitions: test_rebalance_two_workers_both_work_then_one_leaves[sigkill]);
-        # without standbys the partitions are restored from the changelog and nothing is lost
-        table_standby_replicas=0,
+        # standby tables: off by default. With faust 0.15.3 a worker that took over a killed worker's
+        # partitions as promoted standbys never fetched their events again; that was the seek that
+        # did not rewind partitions without a committed offset (faust_internals.seek_uncommitted_to_beginning)
+        table_standby_replicas=settings.standby_replicas,
         producer_acks=-1,  # wait for the broker's acknowledgement
         producer_max_batch_size=512 * 1024,  # a batch writes ~1 state record per user: send them in bulk
         producer_linger=0.005,

@@ -56,6 +56,7 @@ class Settings:
     trending_window: int = 10000  # events counted for cold-start trending items
     changelog_segment_ms: int = 600000  # the state changelog's segments roll at least this often, so compaction runs
     changelog_segment_bytes: int = 67108864  # ... or at this size (Kafka's default, 1 GiB, never rolled at our rates)
+    standby_replicas: int = 0  # faust standby copies of each table partition on other workers (faster take-over)
     commit_interval: float = 2.8  # seconds between commits of processed input offsets (faust's default)
     max_batch: int = 1024  # events per batched step at most
     max_wait: float = 0.03  # seconds to wait for more events once one is there (a backlog is taken at once)
@@ -170,6 +171,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: partitions, k, max_batch and recent_n must be >= 1")
     if s.changelog_segment_ms < 1000 or s.changelog_segment_bytes < 1048576:
         raise ConfigError("config: changelog_segment_ms must be >= 1000 and changelog_segment_bytes >= 1048576")
+    if s.standby_replicas < 0:
+        raise ConfigError("config: standby_replicas must be >= 0")
     if s.commit_interval <= 0:
         raise ConfigError("config: commit_interval must be > 0 seconds")
     if s.users_count_interval <= 0:
