@@ -46,9 +46,9 @@ def test_every_command_is_a_real_recur_command():
 
 def test_prometheus_scrapes_the_worker_metrics_port():
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    found = [(name, sd["port"]) for job in prom["scrape_configs"] for sd in job["dns_sd_configs"] for name in sd["names"]]
     worker_env = COMPOSE["services"]["worker"]["environment"]
-    assert f"worker:{worker_env['RECUR_METRICS_PORT']}" in targets
+    assert ("worker", int(worker_env["RECUR_METRICS_PORT"])) in found  # every replica, by the service's DNS name
     dash = json.loads((ROOT / "deploy/grafana/dashboards/recur.json").read_text())
     assert all(t["expr"] for p in dash["panels"] for t in p["targets"])
 
@@ -60,3 +60,23 @@ def test_readme_and_makefile_commands_exist():
         if argv and not any(a.startswith("<") or a == "..." or a.endswith("|") for a in argv):
             _recur_ok(argv)
     assert "make demo" in readme and "make test" in readme
+
+
+def test_scaled_worker_replicas_share_the_registry_and_snapshots_but_never_a_table_folder():
+    worker = COMPOSE["services"]["worker"]
+    env, volumes = worker["environment"], worker["volumes"]
+    assert "container_name" not in worker and "ports" not in worker  # both would stop --scale
+    named = {v.split(":")[1]: v.split(":")[0] for v in volumes if ":" in v}  # target -> named volume
+    anonymous = [v for v in volumes if ":" not in v]  # one new volume per container
+
+    def on(path: str) -> str | None:
+        mounts = [t for t in list(named) + anonymous if path == t or path.startswith(t.rstrip("/") + "/")]
+        return max(mounts, key=len) if mounts else None
+
+    tables = on(env["RECUR_VAR_DIR"])  # faust's RocksDB folder is <var_dir>/faust
+    assert tables in anonymous, "every replica must have its own table folder"
+    for shared in (env["RECUR_MODELS_DIR"], env["RECUR_SNAPSHOT_DIR"]):
+        assert on(shared) in named and named[on(shared)] == "recur-data"
+    cli = COMPOSE["services"]["recur"]  # where `recur train --publish` puts models: the same folder
+    cli_var = cli.get("environment", {}).get("RECUR_VAR_DIR", "/data")  # the image's default
+    assert f"{cli_var}/models" == env["RECUR_MODELS_DIR"] and f"{cli_var}/snapshots" == env["RECUR_SNAPSHOT_DIR"]
