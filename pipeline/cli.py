@@ -2,7 +2,7 @@
 
     recur kafka start | stop | status      local single-node Kafka (KRaft)
     recur topics create                    events, recommendations, events-dlq
-    recur worker                           the streaming worker (Faust)
+    recur worker [--processes N]           the streaming worker (Faust); N workers in one group
     recur produce --synthetic N            publish synthetic events
     recur produce --file PATH --format jsonl|session-tsv
     recur consume --max N --timeout S      print recommendations as JSON lines
@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from models.errors import RecurError
+from models.errors import ConfigError, RecurError
 from pipeline.cli_args import COMPUTED_DEFAULTS, build_parser, setting_flag  # noqa: F401 - re-exported
 from pipeline.config import Settings, load_settings
 
@@ -90,8 +90,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from pipeline.worker import run_worker
 
     settings = _settings(args)
+    if args.processes < 1:
+        raise ConfigError("worker: --processes must be at least 1")
     if settings.security_protocol != "PLAINTEXT":  # credentials and ACLs: one clear line, not faust's retries
         check_broker(settings, read_topic=settings.events_topic)
+    if args.processes > 1:
+        from pipeline.worker_group import run_group
+
+        return run_group(settings, args.processes)
     run_worker(settings)
     return 0
 

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_flags(p)
 
     p = sub.add_parser("worker", help="run the streaming worker")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="N workers in one consumer group under this process, each with its own table folder, "
+                        "web port (web port + n) and metrics port (metrics port + n) (default 1)")
     _broker_flags(p)
     setting_flag(p, "--store", "table store", choices=["rocksdb", "memory"])
     setting_flag(p, "--device", "auto, cpu or cuda")

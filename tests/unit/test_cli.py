@@ -82,3 +82,23 @@ def test_train_stores_the_ann_index_of_a_large_catalogue_before_publishing_and_t
     assert main(["train", "--synthetic", "3000", "--synthetic-items", "600", "--epochs", "1", "--no-refit",
                  "--out", str(tmp_path / "small")]) == 0
     assert json.loads(capsys.readouterr().out)["ann_index_seconds"] is None  # served exactly: no index
+
+
+def test_each_worker_of_a_group_has_its_own_tables_and_ports_and_shares_registry_and_snapshots(tmp_path):
+    from pipeline.config import load_settings
+    from pipeline.worker_group import child_env
+
+    settings = load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_METRICS_PORT": "9500", "RECUR_WEB_PORT": "6100"})
+    envs = [child_env(settings, n) for n in range(3)]
+    assert [e["RECUR_VAR_DIR"] for e in envs] == [str(tmp_path / "workers" / str(n)) for n in range(3)]
+    assert [e["RECUR_METRICS_PORT"] for e in envs] == ["9500", "9501", "9502"]
+    assert [e["RECUR_WEB_PORT"] for e in envs] == ["6100", "6101", "6102"]
+    assert {e["RECUR_MODELS_DIR"] for e in envs} == {str(tmp_path / "models")}
+    assert {e["RECUR_SNAPSHOT_DIR"] for e in envs} == {str(tmp_path / "snapshots")}
+    off = load_settings({"RECUR_METRICS_PORT": "0"})
+    assert child_env(off, 2)["RECUR_METRICS_PORT"] == "0"  # metrics off stays off
+
+
+def test_worker_processes_below_one_is_refused_with_one_line(capsys):
+    assert main(["worker", "--processes", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "recur: worker: --processes must be at least 1"

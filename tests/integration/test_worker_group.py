@@ -1,0 +1,97 @@
+"""`recur worker --processes N`: N workers in one consumer group under one parent (issue 17)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from pipeline import worker_process
+from pipeline.clients import produce_events
+
+from .conftest import Watcher, metric, scrape
+from .test_resilience import _events
+
+READY = worker_process.READY.decode()
+
+
+def _free_ports(n: int) -> int:
+    """A base port such that base .. base + n - 1 are free now."""
+    while True:
+        base = worker_process.free_port()
+        ok = True
+        for port in range(base, base + n):
+            with socket.socket() as s:
+                ok = ok and s.connect_ex(("127.0.0.1", port)) != 0
+        if ok and base + n < 65000:
+            return base
+
+
+def _start_group(stack, n: int, log_path):
+    metrics, web = _free_ports(n), _free_ports(n)
+    env = {**stack.env, "RECUR_METRICS_PORT": str(metrics), "RECUR_WEB_PORT": str(web),
+           "RECUR_VAR_DIR": str(stack.workdir / "var-group")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "--processes", str(n)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while log_path.read_text().count(READY) < n:
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.3)
+    pids = [int(p) for p in re.search(r"workers \(pids ([\d ]+)\)", log_path.read_text()).group(1).split()]
+    return proc, pids, metrics
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _consumed(port: int) -> float:
+    from types import SimpleNamespace
+
+    return metric(scrape(SimpleNamespace(metrics_port=port)), "recur_events_consumed_total")
+
+
+def test_two_processes_share_the_partitions_both_work_and_stop_cleanly_on_sigterm(stack):
+    events = _events(3000, 200, seed=61)
+    log_path = stack.workdir / "group.log"
+    proc, pids, metrics = _start_group(stack, 2, log_path)
+    try:
+        recs = Watcher(stack.settings, stack.settings.recommendations_topic)
+        produce_events(stack.settings, events)
+        ids = recs.wait_for_events({e.event_id for e in events}, timeout=90)
+        recs.close()
+        per_child = [_consumed(metrics + n) for n in range(2)]
+        proc.send_signal(signal.SIGTERM)  # to the parent only: it forwards it
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert ids >= {e.event_id for e in events}
+    assert all(n > 0 for n in per_child) and sum(per_child) >= len(events)  # both did work, between them all
+    assert code == 0 and not any(_alive(p) for p in pids)  # every child stopped with 0, none left
+    assert all((stack.workdir / "var-group" / "workers" / str(n) / "faust").is_dir() for n in range(2))  # own tables
+    print(f"worker group: events consumed per process {per_child}")
+
+
+def test_a_child_that_dies_stops_the_group_with_exit_1_and_is_not_restarted(stack):
+    log_path = stack.workdir / "group.log"
+    proc, pids, _ = _start_group(stack, 2, log_path)
+    os.kill(pids[0], signal.SIGKILL)
+    try:
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log_path.read_text()
+    assert code == 1 and f"worker 0 (pid {pids[0]}) exited with code -9" in text
+    assert text.count(READY) == 2 and not _alive(pids[1])  # nothing restarted; the other one was stopped
