@@ -16,6 +16,7 @@
     recur demo --loop                      cold start -> snapshots -> retrain -> live swap -> hit rate
     recur bench step --json                the model step alone, batch 1..4096, vs the machine's GEMM rate
     recur bench e2e --json                 aiokafka passthrough vs the worker through the broker, latency
+    recur bench recovery --users N --json  a fresh worker restoring N users' states from the changelog
     recur config                           print the effective settings
 
 Every setting is also a RECUR_* environment variable (see `recur config` and README).
@@ -259,10 +260,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench.step import run_step_bench
 
     if args.users is None:
-        args.users = 1_000_000 if args.what == "step" else 100_000
+        args.users = 100_000 if args.what == "e2e" else 1_000_000
     settings = _settings(args)
     say = lambda line: print(f"[bench] {line}", file=sys.stderr)  # noqa: E731
-    if args.what == "step":
+    if args.what == "recovery":
+        from pipeline.bench.recovery import run_recovery_bench
+
+        result = run_recovery_bench(settings, args.users, say)
+    elif args.what == "step":
         model, source = bench_model(args, settings, say)
         scorer = dataclasses.replace(settings.scorer_config(), threads=0)  # all cores, as torch has here
         result = run_step_bench(settings.device, model, scorer, args.users, args.k,

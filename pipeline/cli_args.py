@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     setting_flag(p, "--snapshot-retention", "compact: delete files of event hours older than this many days, 0 = keep",
                  type=float)
 
-    p = sub.add_parser("bench", help="benchmarks: the model step alone, or end to end through the broker")
-    p.add_argument("what", choices=["step", "e2e"])
+    p = sub.add_parser("bench", help="benchmarks: the model step alone, end to end through the broker, "
+                                     "or a worker restoring state")
+    p.add_argument("what", choices=["step", "e2e", "recovery"])
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     setting_flag(p, "--device", "auto, cpu or cuda")
     p.add_argument("--items", type=int, default=20000, help="catalog size (default 20000)")
@@ -119,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=1, help="step: recurrent layers (default 1)")
-    p.add_argument("--users", type=int, default=None, help="users in state (step: 1000000, e2e: 100000)")
+    p.add_argument("--users", type=int, default=None,
+                   help="users in state (step: 1000000, e2e: 100000, recovery: 1000000)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--batches", default="1,64,1024,4096", help="step: batch sizes")
     p.add_argument("--seconds", type=float, default=2.0, help="step: seconds per batch size")

@@ -39,3 +39,18 @@ def test_bench_e2e_smoke_run_reports_consistent_numbers_and_removes_its_topics(b
     finally:
         admin.close()
     assert left == []
+
+
+def test_bench_recovery_smoke_run_restores_every_user_and_reports_its_rate(bootstrap, tmp_path):
+    from pipeline.bench.recovery import run_recovery_bench
+
+    settings = load_settings({"RECUR_BOOTSTRAP": bootstrap, "RECUR_DEVICE": "cpu", "RECUR_VAR_DIR": str(tmp_path),
+                              "RECUR_USERS_COUNT_INTERVAL": "0.5"})
+    said: list[str] = []
+    result = run_recovery_bench(settings, 3000, said.append)
+    assert result["users"] == 3000 and result["restore_seconds"] > 0
+    assert result["users_per_s"] == pytest.approx(3000 / result["restore_seconds"], rel=0.02)  # seconds are rounded
+    assert result["users_restored"] == 3000  # the restored worker counts every user
+    assert result["changelog_bytes"] >= 3000 * 500 and result["store_bytes"] > 0  # ~850-byte states
+    assert 0 < result["restore_seconds"] < result["ready_seconds"]
+    assert any(line.startswith("deleted ") for line in said)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 
 from pipeline import worker_process
 from pipeline.clients import produce_events
@@ -69,6 +70,7 @@ def test_two_processes_share_the_partitions_both_work_and_stop_cleanly_on_sigter
         recs = Watcher(stack.settings, stack.settings.recommendations_topic)
         produce_events(stack.settings, events)
         ids = recs.wait_for_events({e.event_id for e in events}, timeout=90)
+        per_event = Counter(v["event_id"] for v in recs.values())
         recs.close()
         per_child = [_consumed(metrics + n) for n in range(2)]
         proc.send_signal(signal.SIGTERM)  # to the parent only: it forwards it
@@ -77,6 +79,7 @@ def test_two_processes_share_the_partitions_both_work_and_stop_cleanly_on_sigter
         if proc.poll() is None:
             proc.kill()
     assert ids >= {e.event_id for e in events}
+    assert set(per_event.values()) == {1}  # exactly one recommendation per event
     assert all(n > 0 for n in per_child) and sum(per_child) >= len(events)  # both did work, between them all
     assert code == 0 and not any(_alive(p) for p in pids)  # every child stopped with 0, none left
     assert all((stack.workdir / "var-group" / "workers" / str(n) / "faust").is_dir() for n in range(2))  # own tables
