@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.0, help="step: seconds per batch size")
     p.add_argument("--events", type=int, default=200000, help="e2e: pre-loaded events (default 200000)")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="e2e: seconds of paced load")
+    p.add_argument("--workers", default="1", help="e2e: worker process counts to measure, e.g. 1,2 (each count "
+                                                  "a consumer group of its own; adds 'workers' and 'scaling')")
     p.add_argument("--swap", action="store_true", help="e2e: publish the model again halfway through the paced "
                                                        "load and report the latency around the swap")
     p.add_argument("--plot", default="bench-e2e.png", help="e2e: PNG of throughput and latency")

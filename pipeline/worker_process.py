@@ -42,6 +42,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """A base port such that base .. base + n - 1 on 127.0.0.1 are free now (a worker group's)."""
+    while True:
+        base = free_port()
+        if base + n < 65000 and all(_free(port) for port in range(base, base + n)):
+            return base
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_ready(proc: WorkerProcess, timeout: float = 90.0) -> None:
     """Wait until the worker says it is ready; raise with the log's end if it exits or takes too long."""
     log_path = proc.log_path

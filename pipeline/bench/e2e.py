@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,9 +94,34 @@ def _wait_for_snapshots(settings, n_records: int, timeout_s: float) -> float | N
         commits.close(autocommit=False)
 
 
+def _group_rate(settings: Settings, processes: int, n_events: int, folder: str, say: Callable[[str], None]) -> float:
+    """`recur worker --processes N` in a consumer group of its own over the same preloaded events,
+    its lists to a topic of its own; -> events per second, first to last list."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.clients import create_topics
+
+    tag = f"{settings.app_id}-w{processes}"
+    group = dataclasses.replace(settings, app_id=tag, recommendations_topic=f"{tag}-recs",
+                                var_dir=os.path.join(folder, tag), web_port=worker_process.free_ports(processes))
+    create_topics(group)
+    log_path = os.path.join(folder, f"{tag}.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "--processes", str(processes)],
+                                env={**os.environ, **group.to_env()}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        span = _emission_span(group, group.recommendations_topic, n_events, 120.0, proc, log_path)
+    finally:
+        worker_process.stop(proc)
+    return n_events / span
+
+
 def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int, embedding_dim: int,
                   hidden_dim: int, latency_seconds: float, plot: str | None, say: Callable[[str], None],
-                  artifact: Artifact | None = None, swap: bool = False) -> dict:
+                  artifact: Artifact | None = None, swap: bool = False, workers: list[int] | None = None) -> dict:
     """`artifact`: the worker's model (its catalogue sets the items); None = untrained weights over
     `n_items`. `swap`: publish the model again halfway through the paced load (the worker loads it
     and builds its scorer in a thread, then swaps) and report the latency around the swap."""
@@ -143,6 +169,11 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         span = _emission_span(settings, settings.recommendations_topic, n_events, 120.0, worker, str(worker.log_path))
         worker_eps = n_events / span
         say(f"    {worker_eps:.0f} events/s")
+        per_count = {1: worker_eps}
+        for count in sorted(set(workers or []) - {1}):
+            say(f"(b{count}) recur worker --processes {count}, a consumer group of its own, the same events")
+            per_count[count] = _group_rate(worker_settings, count, n_events, registry, say)
+            say(f"    {per_count[count]:.0f} events/s")
         rate = worker_eps / 2
         settled = None
         if settings.snapshot_interval > 0:
@@ -188,12 +219,15 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         def pct(p: float) -> float:
             return _pct(latencies, p)
 
-        result = {
+        result: dict[str, Any] = {
             "passthrough_events_per_s": round(passthrough, 1),
             "worker_events_per_s": round(worker_eps, 1),
             "ratio": round(worker_eps / passthrough, 3),
             "faust_empty_agent_events_per_s": round(floor, 1),
             "faust_empty_agent_ratio": round(floor / passthrough, 3),
+            "worker_to_empty_agent": round(worker_eps / floor, 3),
+            "workers": None if not workers else {str(c): round(r, 1) for c, r in per_count.items()},
+            "scaling": None if len(per_count) < 2 else round(per_count[max(per_count)] / per_count[1], 3),
             "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
             "offered_events_per_s": round(rate, 1),
             "latency_samples": len(latencies),

@@ -18,11 +18,14 @@ def test_bench_e2e_smoke_run_reports_consistent_numbers_and_removes_its_topics(b
     said: list[str] = []
     plot = tmp_path / "bench.png"
     result = run_e2e_bench(settings, n_events=3000, n_users=300, n_items=500, embedding_dim=16, hidden_dim=32,
-                           latency_seconds=3.0, plot=str(plot), say=said.append)
+                           latency_seconds=3.0, plot=str(plot), say=said.append, workers=[1, 2])
     passthrough, worker = result["passthrough_events_per_s"], result["worker_events_per_s"]
     assert passthrough > 0 and worker > 0 and result["faust_empty_agent_events_per_s"] > 0
     # the JSON rounds each number from the unrounded rates: compare within that rounding
     assert result["ratio"] == pytest.approx(worker / passthrough, abs=0.001)
+    assert result["workers"]["1"] == worker and result["workers"]["2"] > 0  # two processes, every list sent
+    assert result["scaling"] == pytest.approx(result["workers"]["2"] / worker, abs=0.002)
+    assert result["worker_to_empty_agent"] == pytest.approx(worker / result["faust_empty_agent_events_per_s"], abs=0.002)
     assert result["offered_events_per_s"] == pytest.approx(worker / 2, abs=0.1)
     latency = result["latency_ms"]
     assert 0 <= latency["p50"] <= latency["p95"] <= latency["p99"] < 30_000

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,20 +19,8 @@ from .test_resilience import _events
 READY = worker_process.READY.decode()
 
 
-def _free_ports(n: int) -> int:
-    """A base port such that base .. base + n - 1 are free now."""
-    while True:
-        base = worker_process.free_port()
-        ok = True
-        for port in range(base, base + n):
-            with socket.socket() as s:
-                ok = ok and s.connect_ex(("127.0.0.1", port)) != 0
-        if ok and base + n < 65000:
-            return base
-
-
 def _start_group(stack, n: int, log_path):
-    metrics, web = _free_ports(n), _free_ports(n)
+    metrics, web = worker_process.free_ports(n), worker_process.free_ports(n)
     env = {**stack.env, "RECUR_METRICS_PORT": str(metrics), "RECUR_WEB_PORT": str(web),
            "RECUR_VAR_DIR": str(stack.workdir / "var-group")}
     with open(log_path, "wb") as log:
