@@ -15,7 +15,7 @@
     recur demo                             broker, topics, model, worker, events, recommendations
     recur demo --loop                      cold start -> snapshots -> retrain -> live swap -> hit rate
     recur bench step --json                the model step alone, batch 1..4096, vs the machine's GEMM rate
-    recur bench e2e --json                 aiokafka passthrough vs the worker through the broker, latency
+    recur bench e2e --json [--workers 1,2] aiokafka passthrough vs the worker through the broker, latency
     recur bench recovery --users N --json  a fresh worker restoring N users' states from the changelog
     recur config                           print the effective settings
 
