@@ -44,13 +44,14 @@ def test_the_changelog_is_compacted_and_rolls_so_a_restore_reads_about_one_recor
         waves += 1
         written = sum(1 for _ in consume(stack.settings, topic, 0, 0.5)) if waves == 1 else written
         per_user = _records_per_user(stack.settings, topic)
-        if waves >= 6 and max(per_user.values()) <= 3 or time.monotonic() > deadline:
+        if waves >= 8 and 2 * max(per_user.values()) <= waves or time.monotonic() > deadline:
             break
     states = latest_states(stack.settings)
     assert stack.stop_worker(worker) == 0
     recs.close()
     assert len(per_user) == users and len(states) == users  # every user's state is still there
-    assert written >= users  # a wave writes at least one state per user: 6 waves, at least 6 each
-    assert max(per_user.values()) <= 3, per_user.most_common(3)  # the old states went: compaction ran
+    assert written >= users  # a wave writes at least one state per user: `waves` records each at least
+    assert 2 * max(per_user.values()) <= waves, (waves, per_user.most_common(3))  # over half went: compaction ran
     print(f"changelog: after {waves} waves of 400 events for {users} users, {sum(per_user.values())} records "
-          f"({max(per_user.values())} at most per user); the first wave alone had written {written}")
+          f"({max(per_user.values())} at most per user, each having written {waves} or more); the first wave alone "
+          f"had written {written}")

@@ -192,6 +192,20 @@ def _consumed(worker) -> float:
     return metric(scrape(worker), "recur_events_consumed_total")
 
 
+def _rest_goes_to_a(stack, recs, a, events, sent: int, by_a: float) -> float:
+    """After worker b left: the events not sent yet go out, worker a alone recommends them and
+    stops cleanly; -> a's events consumed by then."""
+    rest = events[sent:]
+    produce_events(stack.settings, rest)
+    ids = set(recs.wait_for_events({e.event_id for e in events}, timeout=120))
+    after_a = _consumed(a)
+    assert stack.stop_worker(a) == 0
+    recs.close()
+    assert ids == {e.event_id for e in events}  # no event lost
+    assert after_a - by_a >= len(rest)  # a took over every partition
+    return after_a
+
+
 @pytest.mark.parametrize("leaves", ["sigterm", "sigkill"])
 def test_rebalance_two_workers_both_work_then_one_leaves(stack, model_registry, leaves):
     events = _events(6000, 300, seed=34)
@@ -212,14 +226,7 @@ def test_rebalance_two_workers_both_work_then_one_leaves(stack, model_registry, 
     else:
         b.send_signal(signal.SIGKILL)  # dies: its partitions move to a after the session timeout
         b.wait(10)
-    rest = events[sent:]
-    produce_events(stack.settings, rest)
-    ids = set(recs.wait_for_events({e.event_id for e in events}, timeout=120))
-    after_a = _consumed(a)
-    assert stack.stop_worker(a) == 0
-    recs.close()
-    assert ids == {e.event_id for e in events}  # no event lost
-    assert after_a - by_a >= len(rest)  # a took over every partition
+    after_a = _rest_goes_to_a(stack, recs, a, events, sent, by_a)
     print(f"rebalance test ({leaves}): a {by_a:.0f} and b {by_b:.0f} events before b left, then a {after_a - by_a:.0f}")
     _assert_states_match_replay(stack, model_registry, events)
 
@@ -381,14 +388,7 @@ def test_with_a_standby_replica_a_killed_workers_partitions_move_without_a_full_
     recoveries_before = len(_restore_tables(a.log_path.read_text()))
     b.send_signal(signal.SIGKILL)  # its partitions move to a, whose standbys of them are promoted
     b.wait(10)
-    rest = events[sent:]
-    produce_events(stack.settings, rest)
-    ids = set(recs.wait_for_events({e.event_id for e in events}, timeout=120))
-    after_a = _consumed(a)
-    assert stack.stop_worker(a) == 0
-    recs.close()
-    assert ids == {e.event_id for e in events}  # no event lost
-    assert after_a - by_a >= len(rest)  # a did b's share as well
+    _rest_goes_to_a(stack, recs, a, events, sent, by_a)
     high, start = _restore_tables(a.log_path.read_text())[recoveries_before]  # the take-over's recovery
     replayed = sum(max(0, high[p] - max(start.get(p, -1), 0)) for p in high)
     total = sum(high.values())
