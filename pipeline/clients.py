@@ -22,12 +22,17 @@ from pipeline.records import encode_event, encode_forget
 log = logging.getLogger(__name__)
 
 
+_CHECKED: set[tuple[str, str, str, str]] = set()  # broker, protocol and credentials the check passed with
+
+
 def _common(settings: Settings) -> dict:
-    if settings.security_protocol != "PLAINTEXT":
+    checked = (settings.bootstrap_servers, settings.security_protocol, settings.sasl_username, settings.sasl_password)
+    if settings.security_protocol != "PLAINTEXT" and checked not in _CHECKED:
         # kafka-python answers a wrong password with 30 s of retries and "no broker"; this says why, at once
         from pipeline.broker_check import check_broker
 
         check_broker(settings)
+        _CHECKED.add(checked)  # once per process: a command makes several clients
     return {"bootstrap_servers": settings.bootstrap_servers, **security.kafka_python(settings)}
 
 
