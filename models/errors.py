@@ -24,6 +24,10 @@ class DataError(RecurError):
     """An input file for training or evaluation cannot be read."""
 
 
+class RetrainError(RecurError):
+    """A retraining run could not judge or publish a challenger; the live model stays."""
+
+
 class BrokerError(RecurError):
     """The local Kafka broker cannot be set up, started or reached."""
 

@@ -8,6 +8,7 @@
     recur consume --max N --timeout S      print recommendations as JSON lines
     recur forget USER_ID...                erase users (state, snapshot rows, last recommendations)
     recur train --data PATH --format session-tsv|jsonl|parquet [--out var/models] [--publish]
+    recur retrain [--every 1h]             challenger from the snapshots, published only if not worse
     recur evaluate --model DIR --data PATH --format session-tsv --k 20 --json
     recur evaluate --baseline pop|sr|sknn --train PATH --data PATH --format session-tsv --json
     recur model ls | publish VERSION       the model registry
@@ -162,6 +163,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_command(args, _settings(args))
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from models.lstm import resolve_device
+    from models.retrain import parse_duration
+    from pipeline import retrain
+    from pipeline.offline import model_and_train_config, read_sessions
+
+    settings = _settings(args)
+    gate = retrain.gate_config(settings)
+    every = parse_duration(settings.retrain_every) if settings.retrain_every else 0.0
+    device = resolve_device(args.device)
+    model_config, train_config = model_and_train_config(args, device)
+    source, fmt = (args.data, args.format) if args.data else (settings.snapshot_root, "parquet")
+    job = retrain.RetrainJob(settings, gate, model_config, train_config,
+                             read=lambda: read_sessions(source, fmt, args.session_gap), source=source)
+    if every:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from pipeline.metrics import RetrainMetrics
+
+        registry = CollectorRegistry()
+        if settings.retrain_metrics_port:
+            start_http_server(settings.retrain_metrics_port, addr=settings.metrics_host, registry=registry)
+            log.info("retrain: /metrics on %s:%d", settings.metrics_host, settings.retrain_metrics_port)
+        return retrain.serve(job, every, RetrainMetrics(registry))
+    report = retrain.run_once(job)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(json.dumps(report, indent=2))
+    return 1 if report["decision"] == "failed" else 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.offline import evaluate_command
 
@@ -300,6 +333,7 @@ COMMANDS = {
     "consume": cmd_consume,
     "forget": cmd_forget,
     "train": cmd_train,
+    "retrain": cmd_retrain,
     "evaluate": cmd_evaluate,
     "model": cmd_model,
     "snapshots": cmd_snapshots,

@@ -8,14 +8,16 @@ from typing import Any
 from pipeline.config import ENV_PREFIX, Settings
 
 _DEFAULTS = Settings()
-COMPUTED_DEFAULTS = {"bootstrap": "the local broker", "models_dir": "<var_dir>/models"}  # settings whose "" means these
+COMPUTED_DEFAULTS = {"bootstrap": "the local broker", "models_dir": "<var_dir>/models",
+                     "snapshot_dir": "<var_dir>/snapshots", "retrain_every": "one run"}  # settings whose "" means these
 
 
 def setting_flag(p: argparse.ArgumentParser, flag: str, text: str, **kwargs: Any) -> None:
     """A flag that overrides a setting (`--max-wait` -> `max_wait`); its help shows the setting's
     default, taken from `Settings`, so that the two cannot drift apart."""
     name = flag[2:].replace("-", "_")
-    default = COMPUTED_DEFAULTS.get(name) or getattr(_DEFAULTS, name)
+    name = kwargs.get("dest", name)
+    default = str(COMPUTED_DEFAULTS.get(name) or getattr(_DEFAULTS, name)).replace("%", "%%")
     p.add_argument(flag, help=f"{text} (default {default}; env {ENV_PREFIX}{name.upper()})", **kwargs)
 
 
@@ -83,10 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="send the requests and return")
     _broker_flags(p)
 
-    from pipeline.offline import add_evaluate_args, add_train_args
+    from pipeline.offline import FORMATS, add_evaluate_args, add_model_args, add_train_args
 
     p = sub.add_parser("train", help="train a model and store it in the registry")
     add_train_args(p)
+
+    p = sub.add_parser("retrain", help="train a challenger on the snapshots and publish it only if it is at least "
+                                       "as good as the live model on the newest, held-out events")
+    p.add_argument("--data", help="sessions to use instead of the snapshots (default: the snapshot folder)")
+    p.add_argument("--format", choices=FORMATS, default="parquet", help="format of --data (default parquet)")
+    setting_flag(p, "--every", "run every this long as a service (e.g. 30m, 1h), until SIGTERM",
+                 dest="retrain_every", metavar="DURATION")
+    setting_flag(p, "--window", "use sessions that ended within this span before the newest event",
+                 dest="retrain_window", metavar="DURATION")
+    setting_flag(p, "--holdout", "the newest part held out as the test: a share (5%%) or a span (1h)",
+                 dest="retrain_holdout", metavar="SHARE|DURATION")
+    setting_flag(p, "--metric", "the metric the gate compares", dest="retrain_metric",
+                 choices=["mrr@20", "recall@20", "ndcg@20"])
+    setting_flag(p, "--margin", "publish when challenger >= live - margin", dest="retrain_margin", type=float)
+    setting_flag(p, "--min-sessions", "fewer training sessions fail the run", dest="retrain_min_sessions", type=int)
+    setting_flag(p, "--min-test-events", "fewer held-out next events fail the run", dest="retrain_min_test_events",
+                 type=int)
+    setting_flag(p, "--metrics-port", "with --every: prometheus port, 0 = off", dest="retrain_metrics_port", type=int)
+    setting_flag(p, "--models-dir", "model registry")
+    setting_flag(p, "--snapshot-dir", "snapshot folder or URI")
+    p.add_argument("--json", action="store_true", help="print the run's report as one JSON object")
+    add_model_args(p)
+    p.add_argument("--no-refit", action="store_true", help="skip the final refit on the training part")
 
     p = sub.add_parser("evaluate", help="next-event evaluation of a model or a baseline")
     add_evaluate_args(p)

@@ -74,6 +74,14 @@ class Settings:
     snapshot_interval: float = 60.0  # seconds between snapshots; 0 = no snapshots
     snapshot_user_key: str = ""  # secret: snapshots store HMAC-SHA256(key, user id) instead of the id; env only
     snapshot_retention: float = 0.0  # days of snapshots kept (by event hour); 0 = kept forever
+    retrain_every: str = ""  # recur retrain: run every this long (e.g. 1h) as a service; empty = one run
+    retrain_window: str = "7d"  # recur retrain: sessions that ended within this span before the newest event
+    retrain_holdout: str = "5%"  # recur retrain: newest part held out as the test, a share ("5%") or a span ("1h")
+    retrain_metric: str = "mrr@20"  # recur retrain: the metric the gate compares (mrr@20, recall@20, ndcg@20)
+    retrain_margin: float = 0.005  # recur retrain: publish when challenger >= live - margin on that metric
+    retrain_min_sessions: int = 50  # recur retrain: fewer training sessions fail the run (nothing published)
+    retrain_min_test_events: int = 100  # recur retrain: fewer held-out next events fail the run
+    retrain_metrics_port: int = 9465  # recur retrain --every: prometheus /metrics (on metrics_host); 0 = off
     users_count_interval: float = 60.0  # seconds between exact counts of the users in state (recur_users_in_state)
     metrics_port: int = 9464  # prometheus /metrics; 0 = off
     metrics_host: str = "127.0.0.1"  # interface for /metrics; 0.0.0.0 only inside a private network
@@ -196,5 +204,9 @@ def _validate(s: Settings) -> None:
     for entry in filter(None, s.kafka_sasl_users.split(",")):
         if ":" not in entry or not entry.split(":", 1)[0] or not entry.split(":", 1)[1]:
             raise ConfigError("config: kafka_sasl_users must be name:password pairs separated by commas")
+    if s.retrain_margin < 0 or s.retrain_min_sessions < 1 or s.retrain_min_test_events < 1:
+        raise ConfigError("config: retrain_margin must be >= 0, retrain_min_sessions and retrain_min_test_events >= 1")
+    if s.retrain_metric not in ("mrr@20", "recall@20", "ndcg@20"):
+        raise ConfigError(f"config: retrain_metric must be mrr@20, recall@20 or ndcg@20, got {s.retrain_metric!r}")
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config: log_level must be debug, info, warning or error, got {s.log_level!r}")

@@ -122,8 +122,9 @@ class BatchHandler:
             m.events.labels("purchase" if etype else "click").inc(n)
         m.duplicates.inc(stats.duplicates)
         m.unknown_items.inc(stats.unknown_items)
-        m.hits.inc(stats.hits)
-        m.hit_opportunities.inc(stats.hit_opportunities)
+        version = self.recommender.version  # a swap happens between batches: one version per batch
+        m.hits.labels(version).inc(stats.hits)
+        m.hit_opportunities.labels(version).inc(stats.hit_opportunities)
         m.rewarmed.inc(stats.rewarmed)
         if self.recommender.model is not None:
             self.coverage.add(self.recommender.version, stats)

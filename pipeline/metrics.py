@@ -36,9 +36,26 @@ class Metrics:
         self.snapshot_failures = Counter("recur_snapshot_failures_total", "Snapshot writes that failed (retried later)", registry=registry)
         self.snapshot_seconds = Histogram("recur_snapshot_seconds", "Seconds per snapshot write", buckets=_SECONDS_BUCKETS, registry=registry)
         self.snapshot_last_success = Gauge("recur_snapshot_last_success_timestamp_seconds", "Unix time of the last successful snapshot", registry=registry)
-        self.hits = Counter("recur_online_hits_total", "Events whose item was in the user's previous recommendation list", registry=registry)
-        self.hit_opportunities = Counter("recur_online_hit_opportunities_total", "Events of users who had a previous recommendation list", registry=registry)
+        self.hits = Counter("recur_online_hits_total", "Events whose item was in the user's previous recommendation list, by the live model version (none = trending only)", ["model"], registry=registry)
+        self.hit_opportunities = Counter("recur_online_hit_opportunities_total", "Events of users who had a previous recommendation list, by the live model version", ["model"], registry=registry)
         self.forget_requests = Counter("recur_forget_requests_total", "Erasure requests carried out, by part (state, snapshots)", ["part"], registry=registry)
         self.forget_seconds = Histogram("recur_forget_seconds", "Seconds from an erasure request to its part done, by part (state, snapshots)", ["part"], buckets=_SECONDS_BUCKETS + (60, 120, 300), registry=registry)
         self.forget_rows = Counter("recur_forget_snapshot_rows_total", "Snapshot rows removed by erasure requests", registry=registry)
         self.snapshot_expired = Counter("recur_snapshot_files_expired_total", "Snapshot files deleted by the retention limit", registry=registry)
+
+
+class RetrainMetrics:
+    """`recur retrain`'s metrics (served by `recur retrain --every`)."""
+
+    DECISIONS = ("published", "rejected", "failed")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.runs = Counter("recur_retrain_runs_total", "Retraining runs, by decision (published, rejected, failed)", ["decision"], registry=registry)
+        for decision in self.DECISIONS:
+            self.runs.labels(decision)
+        self.last_metric = Gauge("recur_retrain_last_metric", "The last judged run's held-out metrics, by model (live, challenger, popularity) and metric", ["model", "metric"], registry=registry)
+        self.last_duration = Gauge("recur_retrain_last_duration_seconds", "Seconds the last run took", registry=registry)
+        self.last_run = Gauge("recur_retrain_last_run_timestamp_seconds", "Unix time the last run ended, whatever its decision", registry=registry)
+        self.last_success = Gauge("recur_retrain_last_success_timestamp_seconds", "Unix time of the last run that judged a challenger (published or rejected)", registry=registry)
+        self.last_published = Gauge("recur_retrain_last_published_timestamp_seconds", "Unix time of the last run that published its challenger", registry=registry)

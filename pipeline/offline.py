@@ -34,6 +34,73 @@ def read_sessions(path: str, fmt: str, session_gap_s: float = DEFAULT_SESSION_GA
     return data.read_sessions(path, fmt, session_gap_s)
 
 
+# the model and training flags `recur train`, `recur retrain` and `recur tune` share; their defaults
+# (None on the command line) come from a --config file when given, else from here
+MODEL_DEFAULTS = dict(embedding_dim=64, hidden_dim=128, layers=1, cell="lstm", attention_window=0, dropout=0.25)
+TRAIN_DEFAULTS = dict(epochs=TrainConfig.epochs, batch_size=TrainConfig.batch_size, lr=TrainConfig.lr,
+                      loss="auto", max_minutes=TrainConfig.max_minutes, valid_fraction=TrainConfig.valid_fraction,
+                      uniform_negatives=TrainConfig.uniform_negatives, seed=TrainConfig.seed,
+                      weight_decay=TrainConfig.weight_decay)
+TUNABLE = {**MODEL_DEFAULTS, **TRAIN_DEFAULTS}  # the keys a --config file may set
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    d = TUNABLE
+    p.add_argument("--config", metavar="JSON", help="model and training settings from a file (as `recur tune` "
+                   "writes it); flags given on the command line win")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--session-gap", type=float, default=DEFAULT_SESSION_GAP_S, help="seconds of inactivity that cut a session (default 1800)")
+    p.add_argument("--epochs", type=int, help=f"max epochs (default {d['epochs']})")
+    p.add_argument("--batch-size", type=int, help=f"sessions per batch (default {d['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {d['lr']})")
+    p.add_argument("--weight-decay", type=float, help=f"Adam weight decay (default {d['weight_decay']})")
+    p.add_argument("--loss", choices=["auto", "ce", "sampled"], help="auto = full softmax up to 50k items (default auto)")
+    p.add_argument("--max-minutes", type=float, help=f"wall-clock cap (default {d['max_minutes']:g})")
+    p.add_argument("--valid-fraction", type=float,
+                   help=f"newest share of sessions for early stopping (default {d['valid_fraction']})")
+    p.add_argument("--uniform-negatives", type=float,
+                   help="sampled loss: share of negatives drawn uniformly over the catalogue, so that rarely seen "
+                        f"items are pushed down too (default {d['uniform_negatives']})")
+    p.add_argument("--seed", type=int, help=f"(default {d['seed']})")
+    p.add_argument("--embedding-dim", type=int, help=f"(default {d['embedding_dim']})")
+    p.add_argument("--hidden-dim", type=int, help=f"(default {d['hidden_dim']})")
+    p.add_argument("--layers", type=int, help=f"stacked recurrent layers (default {d['layers']})")
+    p.add_argument("--cell", choices=["lstm", "gru"], help=f"(default {d['cell']})")
+    p.add_argument("--attention-window", type=int, help="attend over the last W outputs, 0 = off "
+                   f"(default {d['attention_window']})")
+    p.add_argument("--dropout", type=float, help=f"(default {d['dropout']})")
+
+
+def read_config_file(path: str) -> dict:
+    """A --config file -> its settings; unknown keys are an error, not ignored."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot be read as JSON ({e})") from None
+    values = raw.get("params", raw) if isinstance(raw, dict) else None  # `recur tune` writes {"params": ...}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object of settings")
+    unknown = sorted(set(values) - set(TUNABLE))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown settings {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(TUNABLE))})")
+    return values
+
+
+def model_and_train_config(args: argparse.Namespace, device: torch.device) -> tuple[dict, TrainConfig]:
+    """Flags over --config over the defaults -> (ModelConfig fields without n_items, TrainConfig)."""
+    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    v = {k: (getattr(args, k) if getattr(args, k, None) is not None else from_file.get(k, default))
+         for k, default in TUNABLE.items()}
+    model_config = dict(embedding_dim=v["embedding_dim"], hidden_dim=v["hidden_dim"], num_layers=v["layers"],
+                        cell=v["cell"], attention_window=v["attention_window"], dropout=v["dropout"])
+    cfg = TrainConfig(epochs=v["epochs"], batch_size=v["batch_size"], lr=v["lr"], loss=v["loss"],
+                      max_minutes=v["max_minutes"], refit=not args.no_refit, seed=v["seed"], device=str(device),
+                      valid_fraction=v["valid_fraction"], uniform_negatives=v["uniform_negatives"],
+                      weight_decay=v["weight_decay"])
+    return model_config, cfg
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="training data: a file, or a snapshot folder with --format parquet")
@@ -44,26 +111,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, help="format of --data")
     p.add_argument("--out", help="model registry to write the new version into (default var/models)")
     p.add_argument("--publish", action="store_true", help="make the new version CURRENT (the worker picks it up)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--session-gap", type=float, default=DEFAULT_SESSION_GAP_S, help="seconds of inactivity that cut a session (default 1800)")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help=f"max epochs (default {TrainConfig.epochs})")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help=f"sessions per batch (default {TrainConfig.batch_size})")
-    p.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"learning rate (default {TrainConfig.lr})")
-    p.add_argument("--loss", choices=["auto", "ce", "sampled"], default="auto", help="auto = full softmax up to 50k items")
-    p.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes, help="wall-clock cap (default 9)")
-    p.add_argument("--valid-fraction", type=float, default=TrainConfig.valid_fraction,
-                   help=f"newest share of sessions for early stopping (default {TrainConfig.valid_fraction})")
-    p.add_argument("--uniform-negatives", type=float, default=TrainConfig.uniform_negatives,
-                   help="sampled loss: share of negatives drawn uniformly over the catalogue, so that rarely seen "
-                        "items are pushed down too (default %(default)s)")
+    add_model_args(p)
     p.add_argument("--no-refit", action="store_true", help="skip the final refit on all data")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--embedding-dim", type=int, default=64)
-    p.add_argument("--hidden-dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--cell", choices=["lstm", "gru"], default="lstm")
-    p.add_argument("--attention-window", type=int, default=0, help="attend over the last W outputs (0 = off)")
-    p.add_argument("--dropout", type=float, default=0.25)
     p.add_argument("--models-dir", help=argparse.SUPPRESS)
 
 
@@ -101,11 +150,7 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
         source = str(args.data)
     print(f"train: {len(sessions)} sessions, {sum(len(s) for s in sessions)} events from {source} on {device}",
           file=sys.stderr)
-    model_config = dict(embedding_dim=args.embedding_dim, hidden_dim=args.hidden_dim, num_layers=args.layers,
-                        cell=args.cell, attention_window=args.attention_window, dropout=args.dropout)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
-                      max_minutes=args.max_minutes, refit=not args.no_refit, seed=args.seed, device=str(device),
-                      valid_fraction=args.valid_fraction, uniform_negatives=args.uniform_negatives)
+    model_config, cfg = model_and_train_config(args, device)
     with tqdm(unit="batch", file=sys.stderr, leave=False, mininterval=2.0, disable=None) as bar:
         result = train(sessions, model_config, cfg, on_progress=_progress_printer(bar), catalog=catalog)
     meta = {**result.metadata(cfg), "source": source}

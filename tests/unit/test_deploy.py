@@ -51,6 +51,12 @@ def test_prometheus_scrapes_the_worker_metrics_port():
     assert ("worker", int(worker_env["RECUR_METRICS_PORT"])) in found  # every replica, by the service's DNS name
     dash = json.loads((ROOT / "deploy/grafana/dashboards/recur.json").read_text())
     assert all(t["expr"] for p in dash["panels"] for t in p["targets"])
+    retrain = COMPOSE["services"]["retrain"]  # the retraining service, on the worker's registry and snapshots
+    assert retrain["command"][:2] == ["retrain", "--every"]
+    assert ("retrain", int(retrain["environment"]["RECUR_RETRAIN_METRICS_PORT"])) in found
+    assert "recur-data:/data" in retrain["volumes"]
+    for name in ("RECUR_MODELS_DIR", "RECUR_SNAPSHOT_DIR"):
+        assert retrain["environment"][name] == worker_env[name]
 
 
 def test_readme_and_makefile_commands_exist():
