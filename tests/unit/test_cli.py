@@ -58,7 +58,8 @@ def test_every_flag_that_sets_a_setting_shows_its_default_from_settings():
             if action.dest not in defaults or action.default is not None or action.help == argparse.SUPPRESS:
                 continue  # flags with their own default (e.g. evaluate --k) are not settings
             shown = COMPUTED_DEFAULTS.get(action.dest, defaults[action.dest])
-            assert f"(default {shown}; env RECUR_{action.dest.upper()})" in action.help, (p.prog, action.dest)
+            printed = action.help.replace("%%", "%")  # as argparse prints it
+            assert f"(default {shown}; env RECUR_{action.dest.upper()})" in printed, (p.prog, action.dest)
             checked += 1
     assert checked >= 14  # worker --max-wait once said 0.05 while the code used 0.03
 
