@@ -8,7 +8,9 @@
     recur consume --max N --timeout S      print recommendations as JSON lines
     recur forget USER_ID...                erase users (state, snapshot rows, last recommendations)
     recur train --data PATH --format session-tsv|jsonl|parquet [--out var/models] [--publish]
+    recur split --data F --format diginetica --out DIR   last 7 days as the test (train.tsv, test.tsv)
     recur retrain [--every 1h]             challenger from the snapshots, published only if not worse
+    recur tune --data F --format session-tsv --trials N --time-budget 30m --out tune.json
     recur evaluate --model DIR --data PATH --format session-tsv --k 20 --json
     recur evaluate --baseline pop|sr|sknn --train PATH --data PATH --format session-tsv --json
     recur model ls | publish VERSION       the model registry
@@ -163,6 +165,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_command(args, _settings(args))
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.data import split_last_days, write_session_tsv
+    from pipeline.offline import read_sessions
+
+    sessions = read_sessions(args.data, args.format, args.session_gap)
+    train, test = split_last_days(sessions, args.test_days, args.min_item_support, args.min_length)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_train, n_test = write_session_tsv(train, out / "train.tsv"), write_session_tsv(test, out / "test.tsv")
+    print(json.dumps({"train": str(out / "train.tsv"), "test": str(out / "test.tsv"), "train_sessions": len(train),
+                      "train_events": n_train, "train_items": len({i for s in train for i in s.items}),
+                      "test_sessions": len(test), "test_events": n_test, "test_predictions": n_test - len(test),
+                      "read_sessions": len(sessions)}))
+    return 0
+
+
 def cmd_retrain(args: argparse.Namespace) -> int:
     from models.lstm import resolve_device
     from models.retrain import parse_duration
@@ -193,6 +213,26 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(report, indent=2))
     return 1 if report["decision"] == "failed" else 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.lstm import resolve_device
+    from models.retrain import parse_duration
+    from pipeline.offline import model_and_train_config, read_sessions
+    from pipeline.tune import run_tune
+
+    device = resolve_device(args.device)
+    model_config, train_config = model_and_train_config(args, device)
+    sessions = read_sessions(args.data, args.format, args.session_gap)
+    print(f"[tune] {len(sessions)} sessions from {args.data}; validation: the newest "
+          f"{train_config.valid_fraction:.0%}; up to {args.trials} trials in {args.time_budget}", file=sys.stderr)
+    result = run_tune(sessions, model_config, train_config, args.trials, parse_duration(args.time_budget),
+                      Path(args.out), metric=args.metric, seed=train_config.seed, source=str(args.data))
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    print(f"[tune] best settings written to {args.out}: recur train --config {args.out} ...", file=sys.stderr)
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -333,7 +373,9 @@ COMMANDS = {
     "consume": cmd_consume,
     "forget": cmd_forget,
     "train": cmd_train,
+    "split": cmd_split,
     "retrain": cmd_retrain,
+    "tune": cmd_tune,
     "evaluate": cmd_evaluate,
     "model": cmd_model,
     "snapshots": cmd_snapshots,

@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model and store it in the registry")
     add_train_args(p)
 
+    p = sub.add_parser("split", help="split a data set by time into train.tsv and test.tsv (session-tsv): the "
+                                     "last days as the test, the way the GRU4Rec papers do")
+    p.add_argument("--data", required=True, help="the data set")
+    p.add_argument("--format", choices=FORMATS, required=True, help="format of --data")
+    p.add_argument("--out", required=True, help="folder for train.tsv and test.tsv")
+    p.add_argument("--test-days", type=float, default=7.0, help="sessions ending in the last N days are the test (default 7)")
+    p.add_argument("--min-item-support", type=int, default=5, help="drop items seen fewer times first (default 5)")
+    p.add_argument("--min-length", type=int, default=2, help="drop shorter sessions (default 2)")
+    p.add_argument("--session-gap", type=float, default=1800.0, help="jsonl, parquet: seconds that cut a session")
+
     p = sub.add_parser("retrain", help="train a challenger on the snapshots and publish it only if it is at least "
                                        "as good as the live model on the newest, held-out events")
     p.add_argument("--data", help="sessions to use instead of the snapshots (default: the snapshot folder)")
@@ -112,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run's report as one JSON object")
     add_model_args(p)
     p.add_argument("--no-refit", action="store_true", help="skip the final refit on the training part")
+
+    p = sub.add_parser("tune", help="search the model's settings with Optuna on a validation split; write the "
+                                    "best as a --config file")
+    p.add_argument("--data", required=True, help="training data (a file, or a snapshot folder with --format parquet)")
+    p.add_argument("--format", choices=FORMATS, required=True, help="format of --data")
+    p.add_argument("--trials", type=int, default=20, help="trials at most (default 20)")
+    p.add_argument("--time-budget", default="30m", help="stop starting trials after this long (default 30m)")
+    p.add_argument("--out", default="tune.json", help="the best settings, for `recur train --config` (default tune.json)")
+    p.add_argument("--metric", choices=["mrr@20", "recall@20", "ndcg@20"], default="mrr@20",
+                   help="validation metric to maximise (default mrr@20)")
+    add_model_args(p)
+    p.set_defaults(no_refit=True)
 
     p = sub.add_parser("evaluate", help="next-event evaluation of a model or a baseline")
     add_evaluate_args(p)
