@@ -41,6 +41,9 @@ class Metrics:
         self.forget_requests = Counter("recur_forget_requests_total", "Erasure requests carried out, by part (state, snapshots)", ["part"], registry=registry)
         self.forget_seconds = Histogram("recur_forget_seconds", "Seconds from an erasure request to its part done, by part (state, snapshots)", ["part"], buckets=_SECONDS_BUCKETS + (60, 120, 300), registry=registry)
         self.forget_rows = Counter("recur_forget_snapshot_rows_total", "Snapshot rows removed by erasure requests", registry=registry)
+        for part in ("state", "snapshots"):  # exported at 0 before the first request (the dashboard's series)
+            self.forget_requests.labels(part)
+            self.forget_seconds.labels(part)
         self.snapshot_expired = Counter("recur_snapshot_files_expired_total", "Snapshot files deleted by the retention limit", registry=registry)
 
 
