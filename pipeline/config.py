@@ -81,7 +81,7 @@ class Settings:
     retrain_margin: float = 0.005  # recur retrain: publish when challenger >= live - margin on that metric
     retrain_min_sessions: int = 50  # recur retrain: fewer training sessions fail the run (nothing published)
     retrain_min_test_events: int = 100  # recur retrain: fewer held-out next events fail the run
-    retrain_metrics_port: int = 9465  # recur retrain --every: prometheus /metrics (on metrics_host); 0 = off
+    retrain_metrics_port: int = 9475  # recur retrain --every: prometheus /metrics (on metrics_host); 0 = off
     users_count_interval: float = 60.0  # seconds between exact counts of the users in state (recur_users_in_state)
     metrics_port: int = 9464  # prometheus /metrics; 0 = off
     metrics_host: str = "127.0.0.1"  # interface for /metrics; 0.0.0.0 only inside a private network

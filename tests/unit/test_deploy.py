@@ -86,3 +86,16 @@ def test_scaled_worker_replicas_share_the_registry_and_snapshots_but_never_a_tab
     cli = COMPOSE["services"]["recur"]  # where `recur train --publish` puts models: the same folder
     cli_var = cli.get("environment", {}).get("RECUR_VAR_DIR", "/data")  # the image's default
     assert f"{cli_var}/models" == env["RECUR_MODELS_DIR"] and f"{cli_var}/snapshots" == env["RECUR_SNAPSHOT_DIR"]
+
+
+def test_the_local_prometheus_config_scrapes_each_worker_process_and_the_retrain_service():
+    from pipeline.config import Settings
+    from pipeline.worker_group import child_env
+
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus-local.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in prom["scrape_configs"]}
+    settings = Settings()
+    ports = [int(child_env(settings, n)["RECUR_METRICS_PORT"]) for n in range(4)]  # recur worker --processes 4
+    assert targets["recur-worker"] == [f"127.0.0.1:{p}" for p in ports]
+    assert targets["recur-retrain"] == [f"127.0.0.1:{settings.retrain_metrics_port}"]
+    assert settings.retrain_metrics_port not in range(settings.metrics_port, settings.metrics_port + 10)
