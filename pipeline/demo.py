@@ -96,7 +96,7 @@ def run_demo(user_settings: Settings, n_events: int) -> int:
 
 
 def run_loop_demo(settings: Settings, n_events: int) -> int:
-    """The closed loop: cold worker -> snapshots -> `recur train` on them -> publish -> hit rate up."""
+    """The closed loop: cold worker -> snapshots -> `recur retrain` on them -> publish -> hit rate up."""
     from models.evaluate import online_hit_rate
     from models.synthetic import SyntheticConfig, generate
 
@@ -132,12 +132,15 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
         cold, _ = online_hit_rate(before, lists, {e.event_id for e in before[-2000:]})
         _say(f"2. streamed {len(before)} events; trending-only hit rate over the last 2000: {cold:.3f}")
         time.sleep(3)
-        _say("3. retraining on the snapshots: recur train --data <snapshots> --format parquet --publish")
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "--log-level", "warning", "train", "--data",
-                        settings.snapshot_dir, "--format", "parquet", "--publish", "--out", settings.models_dir,
-                        "--epochs", "8", "--hidden-dim", "64", "--embedding-dim", "32"], check=True, env=env)
-        from models.artifacts import current_version
-
+        _say("3. retraining on the snapshots: recur retrain (challenger on all but the newest 5% of sessions, "
+             "published if it beats the live model there)")
+        run = subprocess.run([sys.executable, "-m", "pipeline.cli", "--log-level", "warning", "retrain", "--json",
+                              "--window", "30d", "--epochs", "8", "--hidden-dim", "64", "--embedding-dim", "32"],
+                             env=env, capture_output=True, text=True)
+        report = json.loads(run.stdout) if run.stdout.strip() else {"decision": "failed", "reason": run.stderr[-300:]}
+        _say(f"   {report['decision']}: {report['reason']}")
+        if report["decision"] != "published":
+            return 1
         version = current_version(settings.models_path)
         time.sleep(3)
         _say(f"4. published {version}; the worker swaps it in without a restart")
