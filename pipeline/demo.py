@@ -134,10 +134,10 @@ def run_loop_demo(settings: Settings, n_events: int) -> int:
         time.sleep(3)
         _say("3. retraining on the snapshots: recur retrain (challenger on all but the newest 5% of sessions, "
              "published if it beats the live model there)")
-        run = subprocess.run([sys.executable, "-m", "pipeline.cli", "--log-level", "warning", "retrain", "--json",
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "--log-level", "warning", "retrain", "--json",
                               "--window", "30d", "--epochs", "8", "--hidden-dim", "64", "--embedding-dim", "32"],
                              env=env, capture_output=True, text=True)
-        report = json.loads(run.stdout) if run.stdout.strip() else {"decision": "failed", "reason": run.stderr[-300:]}
+        report = json.loads(done.stdout) if done.stdout.strip() else {"decision": "failed", "reason": done.stderr[-300:]}
         _say(f"   {report['decision']}: {report['reason']}")
         if report["decision"] != "published":
             return 1

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from models.errors import BadRecord
 from pipeline import security
@@ -71,6 +72,7 @@ class SnapshotConsumer:
         self.forgets: list[ForgetRequest] = []  # carried out at the next flush, before the commit
         self.producer: AIOKafkaProducer | None = None  # for forget reports, started on the first request
         self.last_expire = float("-inf")
+        self._flushing = asyncio.Lock()  # one flush at a time: the rebalance callback's waits for the loop's
 
     @property
     def _consumer(self) -> AIOKafkaConsumer:
@@ -182,7 +184,12 @@ class SnapshotConsumer:
 
     async def flush(self) -> None:
         """Write what is buffered, then commit those offsets; on failure remove what was written
-        of it, keep it and retry later."""
+        of it, keep it and retry later. One at a time: a rebalance's flush (on revoke) waits for
+        one in progress, so that commits while the partitions are still this consumer's."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self.offsets or not await self.clean():
             return
         batch, offsets = self.pending, dict(self.offsets)
@@ -205,7 +212,14 @@ class SnapshotConsumer:
             self.unclean |= self._event_tps(offsets)
             return
         self.forgets = self.forgets[len(forgets):]
-        await self._consumer.commit(offsets)
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as e:
+            # the group rebalanced under this batch: whoever is assigned its partitions next (maybe
+            # this worker) removes the files past the committed offsets first and writes them again
+            log.warning("snapshot: %d events written but not committed: the group rebalanced (%s); "
+                        "they are written again by the partitions' next owner", len(batch), type(e).__name__)
+            return
         await self._expire()
         self.positions.update(offsets)
         for tp, off in offsets.items():

@@ -265,3 +265,46 @@ def test_a_failed_position_lookup_holds_writes_until_the_leftovers_are_removed(t
     listing = list_files(str(root))
     assert snap.consumer.commits == [{TP0: 5}]
     assert sum(f.events for f in listing.files) == listing.distinct_events == 5  # each event in one file
+
+
+def test_a_rebalance_flush_waits_for_the_one_in_progress_and_a_commit_refused_by_a_rebalance_is_not_fatal(
+        tmp_path, monkeypatch):
+    import time as _time
+
+    from aiokafka.errors import CommitFailedError
+
+    import pipeline.snapshots as snapshots
+
+    snap = _snapshot_consumer(tmp_path, tmp_path / "snap")
+    snap.positions[TP0] = 0
+    for off in range(3):
+        snap.pending.add(0, off, Event("u", f"i{off}", 0, T0 + off))
+    snap.offsets[TP0] = 3
+    real_write = snapshots.write_snapshot
+
+    def slow_write(root, events):  # noqa: ANN001, ANN202
+        _time.sleep(0.3)
+        return real_write(root, events)
+
+    monkeypatch.setattr(snapshots, "write_snapshot", slow_write)
+
+    async def loop_flush_then_revoke_flush():
+        first = asyncio.create_task(snap.flush())  # the loop's flush, writing
+        await asyncio.sleep(0.05)
+        snap.pending.add(0, 3, Event("u", "i3", 0, T0 + 3))  # read meanwhile
+        snap.offsets[TP0] = 4
+        await snap.flush()  # what on_partitions_revoked does
+        await first
+
+    asyncio.run(loop_flush_then_revoke_flush())
+    assert snap.consumer.commits == [{TP0: 3}, {TP0: 4}]  # one after the other: never a commit going back
+    assert [e.item_id for e in read_events(tmp_path / "snap")] == ["i0", "i1", "i2", "i3"]
+
+    async def refused(offsets):  # noqa: ANN001, ANN202
+        raise CommitFailedError("the group rebalanced")
+
+    snap.consumer.commit = refused
+    snap.pending.add(0, 4, Event("u", "i4", 0, T0 + 4))
+    snap.offsets[TP0] = 5
+    asyncio.run(snap.flush())  # logged, not raised: the partitions' next owner writes them again
+    assert snap.offsets == {TP0: 5} and snap.positions[TP0] == 4  # not counted as committed
