@@ -35,10 +35,12 @@ def read_sessions(path: str, fmt: str, session_gap_s: float = DEFAULT_SESSION_GA
 
 
 # the model and training flags `recur train`, `recur retrain` and `recur tune` share; their defaults
-# (None on the command line) come from a --config file when given, else from here
-MODEL_DEFAULTS = dict(embedding_dim=64, hidden_dim=128, layers=1, cell="lstm", attention_window=0, dropout=0.25)
-TRAIN_DEFAULTS = dict(epochs=TrainConfig.epochs, batch_size=TrainConfig.batch_size, lr=TrainConfig.lr,
-                      loss="auto", max_minutes=TrainConfig.max_minutes, valid_fraction=TrainConfig.valid_fraction,
+# (None on the command line) come from a --config file when given, else from here. These were chosen
+# by `recur tune` on yoochoose-100k's training part (docs/performance.md, "Tuning"): a narrow LSTM
+# with attention over its last 5 outputs, heavy dropout and a high learning rate
+MODEL_DEFAULTS = dict(embedding_dim=96, hidden_dim=64, layers=1, cell="lstm", attention_window=5, dropout=0.47)
+TRAIN_DEFAULTS = dict(epochs=TrainConfig.epochs, batch_size=64, lr=0.0146, loss="auto",
+                      max_minutes=TrainConfig.max_minutes, valid_fraction=TrainConfig.valid_fraction,
                       uniform_negatives=TrainConfig.uniform_negatives, seed=TrainConfig.seed,
                       weight_decay=TrainConfig.weight_decay)
 TUNABLE = {**MODEL_DEFAULTS, **TRAIN_DEFAULTS}  # the keys a --config file may set
