@@ -4,11 +4,12 @@ kafka-python (the CLI), aiokafka (the snapshot consumer) and faust (the worker).
 from __future__ import annotations
 
 import ssl
-from typing import Any
-
-import faust
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
+
+if TYPE_CHECKING:  # faust reads sys.argv when imported (`--loop`): only the worker imports it
+    import faust
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext:
@@ -45,6 +46,8 @@ def aiokafka(settings: Settings) -> dict[str, Any]:
 
 def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
     """For faust's app (`broker_credentials`)."""
+    import faust
+
     if settings.security_protocol == "PLAINTEXT":
         return None
     if settings.security_protocol == "SSL":

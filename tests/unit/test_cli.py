@@ -103,3 +103,15 @@ def test_each_worker_of_a_group_has_its_own_tables_and_ports_and_shares_registry
 def test_worker_processes_below_one_is_refused_with_one_line(capsys):
     assert main(["worker", "--processes", "0"]) == 2
     assert capsys.readouterr().err.strip() == "recur: worker: --processes must be at least 1"
+
+
+def test_the_demo_loop_command_imports_without_faust_reading_its_loop_flag():
+    """faust parses sys.argv when it is imported and refuses a bare `--loop`: `recur demo --loop`
+    must get to its demo without importing faust (the worker it starts is a process of its own)."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.argv = ['recur', 'demo', '--loop']; import pipeline.demo; print('faust' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert done.stdout.strip() == "False"
