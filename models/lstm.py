@@ -41,6 +41,7 @@ class ModelConfig:
     dropout: float = 0.25  # on embeddings and recurrent outputs, training only
     tie_weights: bool = True  # score items with the input item embedding
     input_skip: bool = True  # add the current item's embedding to the query vector
+    score_scale: float = 0.0  # > 0: query and item vectors L2-normalised, score = scale * cosine + bias (NISER)
 
     def __post_init__(self) -> None:
         if self.cell not in ("lstm", "gru"):
@@ -49,6 +50,8 @@ class ModelConfig:
             raise ModelError("config: n_items, hidden_dim and num_layers must be positive")
         if self.attention_window < 0:
             raise ModelError("config: attention_window must be >= 0")
+        if self.score_scale < 0:
+            raise ModelError("config: score_scale must be >= 0 (0 = raw inner products)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +89,7 @@ class RecurrentRecommender(nn.Module):
         if not c.tie_weights:
             self.out_emb = nn.Embedding(c.n_items, c.embedding_dim)
         self.item_bias = nn.Parameter(torch.zeros(c.n_items))
+        self._unit_rows: tuple[int, int, torch.Tensor] | None = None  # score_scale: (weight data_ptr, version, unit rows)
         nn.init.normal_(self.item_emb.weight, std=0.05)
         nn.init.normal_(self.type_emb.weight, std=0.05)
 
@@ -94,12 +98,24 @@ class RecurrentRecommender(nn.Module):
         return self.drop(self.item_emb(items) + self.type_emb(types))  # (..., E)
 
     def output_embedding(self) -> torch.Tensor:
-        return (self.item_emb if self.config.tie_weights else self.out_emb).weight  # (V, E)
+        """The item vectors scored against: (V, E); unit rows with score_scale (computed once per
+        weight version outside training: at 1,000,000 items a step must not renormalise them)."""
+        weight = (self.item_emb if self.config.tie_weights else self.out_emb).weight
+        if not self.config.score_scale:
+            return weight
+        if self.training or torch.is_grad_enabled():
+            return F.normalize(weight, dim=-1)
+        cached = self._unit_rows
+        if cached is None or cached[0] != weight.data_ptr() or cached[1] != weight._version:
+            with torch.no_grad():
+                cached = self._unit_rows = (weight.data_ptr(), weight._version, F.normalize(weight, dim=-1))
+        return cached[2]
 
     def query(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Recurrent outputs (..., H) and input embeddings (..., E) -> query vectors (..., E)."""
         q = self.proj(self.drop(out))
-        return q + x if self.config.input_skip else q
+        q = q + x if self.config.input_skip else q
+        return F.normalize(q, dim=-1) * self.config.score_scale if self.config.score_scale else q
 
     def score(self, queries: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Scores for every item: queries (..., E) -> (..., V).

@@ -108,6 +108,8 @@ def sampled_softmax_loss(
     cand, inverse = torch.unique(torch.cat([tgt, negatives]), return_inverse=True)
     out = model.item_emb if model.config.tie_weights else model.out_emb
     emb = F.embedding(cand, out.weight, sparse=out.sparse)  # (C, E); sparse gradients at large catalogues
+    if model.config.score_scale:
+        emb = F.normalize(emb, dim=-1)
     logits = q_vec @ emb.T + model.item_bias[cand] - log_q[cand]  # (N, C)
     return F.cross_entropy(logits, inverse[: tgt.numel()])
 

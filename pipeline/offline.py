@@ -38,7 +38,8 @@ def read_sessions(path: str, fmt: str, session_gap_s: float = DEFAULT_SESSION_GA
 # (None on the command line) come from a --config file when given, else from here. These were chosen
 # by `recur tune` on yoochoose-100k's training part (docs/performance.md, "Tuning"): a narrow LSTM
 # with attention over its last 5 outputs, heavy dropout and a high learning rate
-MODEL_DEFAULTS = dict(embedding_dim=96, hidden_dim=64, layers=1, cell="lstm", attention_window=5, dropout=0.47)
+MODEL_DEFAULTS = dict(embedding_dim=96, hidden_dim=64, layers=1, cell="lstm", attention_window=5, dropout=0.47,
+                      score_scale=0.0)
 TRAIN_DEFAULTS = dict(epochs=TrainConfig.epochs, batch_size=64, lr=0.0146, loss="auto",
                       max_minutes=TrainConfig.max_minutes, valid_fraction=TrainConfig.valid_fraction,
                       uniform_negatives=TrainConfig.uniform_negatives, seed=TrainConfig.seed,
@@ -71,6 +72,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-window", type=int, help="attend over the last W outputs, 0 = off "
                    f"(default {d['attention_window']})")
     p.add_argument("--dropout", type=float, help=f"(default {d['dropout']})")
+    p.add_argument("--score-scale", type=float, help="> 0: score = scale * cosine(query, item) + bias, with "
+                   f"normalised vectors; 0 = inner products (default {d['score_scale']})")
 
 
 def read_config_file(path: str) -> dict:
@@ -95,7 +98,8 @@ def model_and_train_config(args: argparse.Namespace, device: torch.device) -> tu
     v = {k: (getattr(args, k) if getattr(args, k, None) is not None else from_file.get(k, default))
          for k, default in TUNABLE.items()}
     model_config = dict(embedding_dim=v["embedding_dim"], hidden_dim=v["hidden_dim"], num_layers=v["layers"],
-                        cell=v["cell"], attention_window=v["attention_window"], dropout=v["dropout"])
+                        cell=v["cell"], attention_window=v["attention_window"], dropout=v["dropout"],
+                        score_scale=v["score_scale"])
     cfg = TrainConfig(epochs=v["epochs"], batch_size=v["batch_size"], lr=v["lr"], loss=v["loss"],
                       max_minutes=v["max_minutes"], refit=not args.no_refit, seed=v["seed"], device=str(device),
                       valid_fraction=v["valid_fraction"], uniform_negatives=v["uniform_negatives"],

@@ -32,6 +32,7 @@ def suggest(trial) -> dict:  # noqa: ANN001 - an optuna Trial
         "hidden_dim": trial.suggest_categorical("hidden_dim", [64, 128, 192, 256]),
         "attention_window": trial.suggest_categorical("attention_window", [0, 5, 10]),
         "dropout": trial.suggest_float("dropout", 0.0, 0.5),
+        "score_scale": trial.suggest_categorical("score_scale", [0.0, 6.0, 10.0, 14.0, 20.0]),
         "lr": trial.suggest_float("lr", 1e-3, 2e-2, log=True),
         "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128]),
     }
@@ -41,7 +42,8 @@ def model_fields(params: dict, base: dict) -> dict:
     """A trial's params over the base ModelConfig fields."""
     out = dict(base)
     for key, field in (("embedding_dim", "embedding_dim"), ("hidden_dim", "hidden_dim"), ("layers", "num_layers"),
-                       ("cell", "cell"), ("attention_window", "attention_window"), ("dropout", "dropout")):
+                       ("cell", "cell"), ("attention_window", "attention_window"), ("dropout", "dropout"),
+                       ("score_scale", "score_scale")):
         if key in params:
             out[field] = params[key]
     return out

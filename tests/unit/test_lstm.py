@@ -20,6 +20,7 @@ def _model(**kw) -> RecurrentRecommender:
         {"cell": "gru"},
         {"attention_window": 3},
         {"cell": "gru", "num_layers": 2, "attention_window": 4, "tie_weights": False, "input_skip": False},
+        {"attention_window": 3, "score_scale": 10.0},
     ],
 )
 def test_step_equals_full_sequence_forward(kw):
@@ -112,3 +113,23 @@ def test_one_step_serves_every_caller_with_the_same_states_and_scores():
 
     assert step(model, state, items, types, k=3, scorer=scorer).top_items.shape == (5, 3)
     assert calls == [((5, model.config.embedding_dim), 3)]
+
+
+def test_with_a_score_scale_scores_are_scaled_cosines_and_follow_new_weights():
+    model = _model(score_scale=10.0)
+    state = init_state(model.config, 4)
+    items, types = torch.tensor([1, 2, 3, 4]), torch.zeros(4, dtype=torch.long)
+    scores = step(model, state, items, types).scores  # (4, V); item biases start at 0
+    assert scores.abs().max() <= 10.0 + 1e-4
+    unit = torch.nn.functional.normalize(model.item_emb.weight.detach(), dim=-1)
+    with torch.no_grad():
+        queries, _ = model(items.unsqueeze(1), types.unsqueeze(1))  # (4, 1, E)
+    torch.testing.assert_close(queries.norm(dim=-1), torch.full((4, 1), 10.0))  # scale x unit queries
+    torch.testing.assert_close(scores, queries[:, 0] @ unit.T, rtol=1e-5, atol=1e-5)  # scale x cosine
+    with torch.no_grad():
+        model.item_emb.weight.mul_(-1.0)  # the cached unit rows must follow the weights
+    flipped = step(model, state, items, types).scores
+    assert not torch.allclose(flipped, scores)
+    with torch.no_grad():
+        model.item_emb.weight.mul_(-1.0)
+    torch.testing.assert_close(step(model, state, items, types).scores, scores)

@@ -19,10 +19,11 @@ from models.vocab import Vocabulary
 V, E = 3001, 16
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[0.0, 10.0], ids=["inner-product", "cosine"])
+def model(request):
     torch.manual_seed(0)
-    m = RecurrentRecommender(ModelConfig(n_items=V, embedding_dim=E, hidden_dim=16, dropout=0.0)).eval()
+    m = RecurrentRecommender(ModelConfig(n_items=V, embedding_dim=E, hidden_dim=16, dropout=0.0,
+                                         score_scale=request.param)).eval()
     with torch.no_grad():
         m.item_bias.normal_(0, 0.1)  # scores with a bias term, as trained models have
     return m
