@@ -36,11 +36,11 @@ def read_sessions(path: str, fmt: str, session_gap_s: float = DEFAULT_SESSION_GA
 
 # the model and training flags `recur train`, `recur retrain` and `recur tune` share; their defaults
 # (None on the command line) come from a --config file when given, else from here. These were chosen
-# by `recur tune` on yoochoose-100k's training part (docs/performance.md, "Tuning"): a narrow LSTM
-# with attention over its last 5 outputs, heavy dropout and a high learning rate
-MODEL_DEFAULTS = dict(embedding_dim=96, hidden_dim=64, layers=1, cell="lstm", attention_window=5, dropout=0.47,
-                      score_scale=0.0)
-TRAIN_DEFAULTS = dict(epochs=TrainConfig.epochs, batch_size=64, lr=0.0146, loss="auto",
+# by `recur tune` on yoochoose-100k's training part (docs/performance.md, "Tuning"): an LSTM with
+# attention over its last 5 outputs, scoring by scaled cosine, dropout 0.36, a high learning rate
+MODEL_DEFAULTS = dict(embedding_dim=96, hidden_dim=192, layers=1, cell="lstm", attention_window=5, dropout=0.36,
+                      score_scale=10.0)
+TRAIN_DEFAULTS = dict(epochs=TrainConfig.epochs, batch_size=128, lr=0.0083, loss="auto",
                       max_minutes=TrainConfig.max_minutes, valid_fraction=TrainConfig.valid_fraction,
                       uniform_negatives=TrainConfig.uniform_negatives, seed=TrainConfig.seed,
                       weight_decay=TrainConfig.weight_decay)
