@@ -196,7 +196,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     model_config, train_config = model_and_train_config(args, device)
     source, fmt = (args.data, args.format) if args.data else (settings.snapshot_root, "parquet")
     job = retrain.RetrainJob(settings, gate, model_config, train_config,
-                             read=lambda: read_sessions(source, fmt, args.session_gap), source=source)
+                             read=lambda: read_sessions(source, fmt, args.session_gap, gate.window_s), source=source)
     if every:
         from prometheus_client import CollectorRegistry, start_http_server
 

@@ -27,10 +27,12 @@ from pipeline.config import Settings
 FORMATS = (*data.FORMATS, "parquet")  # parquet: the worker's snapshots
 
 
-def read_sessions(path: str, fmt: str, session_gap_s: float = DEFAULT_SESSION_GAP_S) -> list[data.Session]:
-    """A file (session-tsv, jsonl) or a snapshot folder (parquet) -> sessions by start time."""
+def read_sessions(path: str, fmt: str, session_gap_s: float = DEFAULT_SESSION_GAP_S,
+                  window_s: float | None = None) -> list[data.Session]:
+    """A file (session-tsv, jsonl) or a snapshot folder (parquet) -> sessions by start time; with
+    `window_s`, a snapshot folder's files of older event hours are not read."""
     if fmt == "parquet":
-        return snapshot_files.read_sessions(path, session_gap_s)
+        return snapshot_files.read_sessions(path, session_gap_s, window_s)
     return data.read_sessions(path, fmt, session_gap_s)
 
 

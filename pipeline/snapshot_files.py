@@ -280,13 +280,47 @@ def remove_uncommitted(root: str, positions: dict[int, int]) -> Cleanup:
     return done
 
 
-def read_events(root: str | Path) -> list[Event]:
-    """Every event in the snapshot files under `root`, each (partition, offset) once, in file
-    order; event ids are "<partition>-<offset>" (what the worker names events without one)."""
+HOUR_FOLDER = re.compile(r"(?:^|/)dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
+WINDOW_MARGIN_HOURS = 24  # hour folders read before a window: sessions that began earlier keep their start
+
+
+def _hour_of(rel: str) -> int | None:
+    """The event hour (hours since the epoch) of a file under dt=YYYY-MM-DD/hour=HH/, else None."""
+    m = HOUR_FOLDER.search(rel)
+    if not m:
+        return None
+    return int(datetime.strptime(f"{m.group(1)} {m.group(2)}", "%Y-%m-%d %H").replace(tzinfo=UTC).timestamp()) // 3600
+
+
+def files_in_window(root: str, window_s: float) -> tuple[pafs.FileSystem, list[str], int]:
+    """The snapshot files of the event hours within `window_s` (plus a day) of the newest hour
+    folder -> (filesystem, paths, files left out): a retraining run reads a week, not every
+    hour ever kept."""
+    filesystem, base = open_root(root)
+    files = [(rel, info.path) for rel, info in entries(filesystem, base) if is_snapshot(rel)]
+    hours = [_hour_of(rel) for rel, _ in files]
+    known = [h for h in hours if h is not None]
+    if not known:
+        return filesystem, [path for _, path in files], 0
+    cutoff = max(known) - int(window_s // 3600) - 1 - WINDOW_MARGIN_HOURS
+    kept = [path for (_, path), h in zip(files, hours) if h is None or h >= cutoff]
+    return filesystem, kept, len(files) - len(kept)
+
+
+def read_events(root: str | Path, window_s: float | None = None) -> list[Event]:
+    """Every event in the snapshot files under `root` (with `window_s`: only the files of the
+    hours `files_in_window` keeps), each (partition, offset) once, in file order; event ids are
+    "<partition>-<offset>" (what the worker names events without one)."""
     import pyarrow.dataset as ds
 
     try:
-        dataset = ds.dataset(str(root), format="parquet", partitioning="hive", exclude_invalid_files=True)
+        if window_s is not None:
+            filesystem, paths, _ = files_in_window(str(root), window_s)
+            if not paths:
+                return []
+            dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
+        else:
+            dataset = ds.dataset(str(root), format="parquet", partitioning="hive", exclude_invalid_files=True)
         table = dataset.to_table(columns=["user_id", "partition", "offsets", "item_ids", "event_types", "timestamps_ms"])
     except Exception as e:  # pyarrow raises several unrelated types here
         raise DataError(f"read parquet: cannot read snapshots under {root}: {e}") from None
@@ -302,10 +336,12 @@ def read_events(root: str | Path) -> list[Event]:
     return events
 
 
-def read_sessions(root: str | Path, session_gap_s: float = DEFAULT_SESSION_GAP_S) -> list[Session]:
-    """The snapshots' events cut into sessions (by user, at `session_gap_s` of inactivity), by start time."""
+def read_sessions(root: str | Path, session_gap_s: float = DEFAULT_SESSION_GAP_S,
+                  window_s: float | None = None) -> list[Session]:
+    """The snapshots' events cut into sessions (by user, at `session_gap_s` of inactivity), by
+    start time; with `window_s` only from the files of the newest hours (`files_in_window`)."""
     if not Path(root).exists() and "://" not in str(root):
         raise DataError(f"read: {root} does not exist")
-    sessions = sessionize(read_events(root), session_gap_s)
+    sessions = sessionize(read_events(root, window_s), session_gap_s)
     sessions.sort(key=lambda s: (s.times[0], s.key))
     return sessions

@@ -311,3 +311,19 @@ def test_a_rebalance_flush_waits_for_the_one_in_progress_and_a_commit_refused_by
     snap.offsets[TP0] = 5
     asyncio.run(snap.flush())  # logged, not raised: the partitions' next owner writes them again
     assert snap.offsets == {TP0: 5} and snap.positions[TP0] == 4  # not counted as committed
+
+
+def test_a_retraining_window_reads_only_the_newest_hours_files(tmp_path):
+    from pipeline.snapshot_files import files_in_window
+
+    root = str(tmp_path / "snap")
+    day = 24 * HOUR
+    old = [_applied(0, off, "a", f"old{off}", T0 + off) for off in range(3)]  # 20 days before the newest
+    recent = [_applied(0, 3 + off, "a", f"new{off}", T0 + 20 * day + off * HOUR) for off in range(3)]
+    edge = [_applied(1, 0, "b", "edge", T0 + 20 * day - 7 * day - 12 * HOUR)]  # within the window + a day
+    write_snapshot(root, _buffer(old + recent + edge))
+    _, paths, left_out = files_in_window(root, 7 * 86400)
+    assert left_out == 1 and len(paths) == 4  # the old hour's file is not read
+    got = {e.item_id for e in read_events(root, 7 * 86400)}
+    assert got == {"new0", "new1", "new2", "edge"}
+    assert len(read_events(root)) == 7  # no window: everything
