@@ -75,6 +75,11 @@ def _read_session_tsv(path: Path) -> list[Session]:
             except ValueError:
                 raise DataError(f"read session-tsv: {path} line {n}: Time is not a number") from None
             by_id[row[0]].append((ts, n, row[1]))
+    return _clicks_by_session(by_id)
+
+
+def _clicks_by_session(by_id: dict[str, list[tuple[float, int, str]]]) -> list[Session]:
+    """{session id: [(time, line, item)]} -> sessions of clicks in time order (ties: file order)."""
     sessions: list[Session] = []
     for sid, rows in by_id.items():
         rows.sort()
@@ -105,11 +110,7 @@ def _read_diginetica(path: Path) -> list[Session]:
             except ValueError:
                 raise DataError(f"read diginetica: {path} line {n}: timeframe or eventdate is not valid") from None
             by_id[row[0]].append((ts, n, row[2]))
-    sessions: list[Session] = []
-    for sid, rows in by_id.items():
-        rows.sort()
-        sessions.append(Session(sid, [r[2] for r in rows], [0] * len(rows), [r[0] for r in rows]))
-    return sessions
+    return _clicks_by_session(by_id)
 
 
 def split_last_days(sessions: list[Session], days: float, min_item_support: int = 5,
