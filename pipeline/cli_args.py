@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting_flag(p, "--min-sessions", "fewer training sessions fail the run", dest="retrain_min_sessions", type=int)
     setting_flag(p, "--min-test-events", "fewer held-out next events fail the run", dest="retrain_min_test_events",
                  type=int)
+    setting_flag(p, "--keep-rejected", "rejected challengers kept in the registry; older ones are deleted",
+                 dest="retrain_keep_rejected", type=int)
     setting_flag(p, "--metrics-port", "with --every: prometheus port, 0 = off", dest="retrain_metrics_port", type=int)
     setting_flag(p, "--models-dir", "model registry")
     setting_flag(p, "--snapshot-dir", "snapshot folder or URI")

@@ -81,6 +81,7 @@ class Settings:
     retrain_margin: float = 0.005  # recur retrain: publish when challenger >= live - margin on that metric
     retrain_min_sessions: int = 50  # recur retrain: fewer training sessions fail the run (nothing published)
     retrain_min_test_events: int = 100  # recur retrain: fewer held-out next events fail the run
+    retrain_keep_rejected: int = 3  # recur retrain: rejected challengers kept for inspection; older ones deleted
     retrain_metrics_port: int = 9475  # recur retrain --every: prometheus /metrics (on metrics_host); 0 = off
     users_count_interval: float = 60.0  # seconds between exact counts of the users in state (recur_users_in_state)
     metrics_port: int = 9464  # prometheus /metrics; 0 = off
@@ -204,8 +205,9 @@ def _validate(s: Settings) -> None:
     for entry in filter(None, s.kafka_sasl_users.split(",")):
         if ":" not in entry or not entry.split(":", 1)[0] or not entry.split(":", 1)[1]:
             raise ConfigError("config: kafka_sasl_users must be name:password pairs separated by commas")
-    if s.retrain_margin < 0 or s.retrain_min_sessions < 1 or s.retrain_min_test_events < 1:
-        raise ConfigError("config: retrain_margin must be >= 0, retrain_min_sessions and retrain_min_test_events >= 1")
+    if s.retrain_margin < 0 or s.retrain_min_sessions < 1 or s.retrain_min_test_events < 1 or s.retrain_keep_rejected < 0:
+        raise ConfigError("config: retrain_margin and retrain_keep_rejected must be >= 0, retrain_min_sessions and "
+                          "retrain_min_test_events >= 1")
     if s.retrain_metric not in ("mrr@20", "recall@20", "ndcg@20"):
         raise ConfigError(f"config: retrain_metric must be mrr@20, recall@20 or ndcg@20, got {s.retrain_metric!r}")
     if s.log_level not in ("debug", "info", "warning", "error"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -127,6 +128,7 @@ def run_once(job: RetrainJob, stop: threading.Event | None = None,
     try:
         with RegistryLock(registry):
             artifact_path = _judge(job, stop, report)
+            report["pruned"] = prune_rejected(registry, job.settings.retrain_keep_rejected)
     except Stopped:
         report.update(decision="failed", reason="stopped by SIGTERM during the run")
     except (RecurError, OSError) as e:  # no data, too little, a training error, disk full, a held lock
@@ -194,6 +196,25 @@ def _judge(job: RetrainJob, stop: threading.Event, report: dict) -> Path:
     report.update(decision="published" if publish else "rejected", reason=reason,
                   published_version=path.name if publish else None)
     return path
+
+
+def prune_rejected(registry: Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` rejected challengers (never the live version, never one
+    that was published): a run every hour would otherwise keep a model a run. -> versions deleted."""
+    live = current_version(registry)
+    rejected = []
+    for folder in registry.glob("v*"):
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if folder.name != live and (meta.get("retrain") or {}).get("decision") == "rejected":
+            rejected.append(folder)
+    rejected.sort(key=lambda f: f.name)  # versions begin with their UTC creation time
+    gone = rejected[: max(0, len(rejected) - keep)]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [f.name for f in gone]
 
 
 def _write_reports(registry: Path, artifact: Path | None, report: dict) -> None:

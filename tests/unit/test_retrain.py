@@ -179,3 +179,22 @@ def test_two_runs_never_hold_the_registry_at_once(tmp_path):
     (registry / LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": 0}))
     with pytest.raises(Exception, match="host elsewhere"):
         RegistryLock(registry).__enter__()
+
+
+def test_only_the_newest_rejected_challengers_are_kept(tmp_path):
+    from pipeline.retrain import prune_rejected
+
+    registry = tmp_path / "registry"
+    sessions = _shop_sessions()
+    assert run_once(_job(tmp_path, sessions))["decision"] == "published"
+    bad = _shuffled_before_holdout(sessions, 0.1)
+    job = _job(tmp_path, bad)
+    job.settings.retrain_keep_rejected = 1
+    first = run_once(job)
+    second = run_once(job)
+    assert first["decision"] == second["decision"] == "rejected"
+    assert second["pruned"] == [first["challenger"]["version"]]  # the older rejected one goes
+    versions = {p.name for p in registry.glob("v*")}
+    assert versions == {current_version(registry), second["challenger"]["version"]}  # live and newest rejected
+    assert prune_rejected(registry, 0) == [second["challenger"]["version"]]
+    assert {p.name for p in registry.glob("v*")} == {current_version(registry)}  # the live one is never pruned
