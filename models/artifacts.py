@@ -80,6 +80,14 @@ def save_artifact(
     }
     (staging / "meta.json").write_text(json.dumps(full_meta, indent=2))
     final = registry / version
+    n = 1
+    while final.exists():  # the same weights saved again within the same second: a version of its own
+        n += 1
+        version = f"v{stamp}-{digest[:8]}-{n}"
+        final = registry / version
+    if n > 1:
+        full_meta["version"] = version
+        (staging / "meta.json").write_text(json.dumps(full_meta, indent=2))
     os.replace(staging, final)
     if publish:
         publish_version(registry, version)

@@ -73,3 +73,18 @@ def test_weights_checksum_is_verified(trained, tmp_path):
     with pytest.raises(ArtifactError, match="checksum"):
         load_artifact(path)
     assert np.isfinite(result.best["mrr@20"])
+
+
+def test_the_same_weights_saved_twice_in_one_second_get_two_versions(trained, tmp_path, monkeypatch):
+    import time
+
+    import models.artifacts as artifacts
+
+    result = trained[0]
+    fixed = time.gmtime(1_700_000_000)
+    monkeypatch.setattr(artifacts.time, "gmtime", lambda *_: fixed)  # both saves in the same second
+    first = save_artifact(tmp_path, result.model, result.vocab, {"source": "a"})
+    second = save_artifact(tmp_path, result.model, result.vocab, {"source": "b"})
+    assert first != second and second.name.startswith(first.name)  # "...-2": a version of its own
+    assert load_artifact(second).meta["version"] == second.name and load_artifact(second).meta["source"] == "b"
+    assert load_artifact(first).meta["source"] == "a"
