@@ -5,15 +5,17 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import faust
 
-from pipeline import security
+from pipeline import bulk_restore, security
 from pipeline.config import Settings
 from pipeline.faust_internals import (
     hold_flow_until_seek,
     limit_fetch_wait,
+    restore_before_recovery,
     seek_uncommitted_to_beginning,
     set_producer_buffer,
 )
@@ -87,6 +89,8 @@ def create_app(settings: Settings) -> Streams:
         # every state ever written (2 records per user after 2 events each; more with every event)
         extra_topic_configs=changelog_config(settings),
     )
+    if settings.bulk_restore and settings.store == "rocksdb":  # faust's recovery reads only what is left
+        restore_before_recovery(app, functools.partial(bulk_restore.restore, settings, state))
     hold_flow_until_seek(app)
     set_producer_buffer(app, max(1000, settings.max_batch * 4))
     return Streams(app, events, recs, dlq, state, forget)

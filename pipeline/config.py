@@ -57,6 +57,8 @@ class Settings:
     changelog_segment_ms: int = 600000  # the state changelog's segments roll at least this often, so compaction runs
     changelog_segment_bytes: int = 67108864  # ... or at this size (Kafka's default, 1 GiB, never rolled at our rates)
     standby_replicas: int = 0  # faust standby copies of each table partition on other workers (faster take-over)
+    bulk_restore: bool = True  # restore the state changelog in bulk, before faust's per-record recovery
+    bulk_restore_min_records: int = 5000  # ... when a partition has at least this many records to read
     commit_interval: float = 2.8  # seconds between commits of processed input offsets (faust's default)
     max_batch: int = 1024  # events per batched step at most
     max_wait: float = 0.03  # seconds to wait for more events once one is there (a backlog is taken at once)
@@ -182,6 +184,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: changelog_segment_ms must be >= 1000 and changelog_segment_bytes >= 1048576")
     if s.standby_replicas < 0:
         raise ConfigError("config: standby_replicas must be >= 0")
+    if s.bulk_restore_min_records < 1:
+        raise ConfigError("config: bulk_restore_min_records must be >= 1")
     if s.commit_interval <= 0:
         raise ConfigError("config: commit_interval must be > 0 seconds")
     if s.users_count_interval <= 0:

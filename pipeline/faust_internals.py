@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import faust
 import faust.transport.drivers.aiokafka as faust_aiokafka
 from faust import streams as faust_streams
+from faust.tables.recovery import Recovery
 from faust.types import TP, EventT, TableT
+
+# the bulk restore of each app (see restore_before_recovery): (recovery, tps, offsets, highwaters) -> None
+RestoreHook = Callable[[Recovery, set, dict, dict], Awaitable[object]]
+_RESTORE_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # -- the consumer ---------------------------------------------------------------------------
@@ -102,6 +107,41 @@ def hold_flow_until_seek(app: faust.App) -> None:
     app.on_rebalance_complete.connect(hold)  # a strong reference
 
 
+def restore_before_recovery(app: faust.App, hook: RestoreHook) -> None:
+    """Run `hook(recovery, tps, offsets, highwaters)` in each recovery of `app`, after faust has
+    read the active changelog partitions' highwaters and before it seeks them: the hook may
+    restore records into the partitions' stores itself and move `offsets` ({tp: last offset in the
+    store}) on, and faust's per-record recovery then reads only what is left.
+
+    Faust's recovery turns every changelog record into a message and an event object and runs it
+    through its conductor: ~9,500 records/s here, so 1,000,000 users took 106 s; the same records
+    read by one consumer and written in RocksDB write batches take ~5 s. Relies on:
+    `Recovery._build_offsets(consumer, tps, destination, title)` being called with title "active"
+    after `active_highwaters` is built and before `_seek_offsets`, `destination` starting from
+    each partition's persisted offset and keeping the larger of it and the log's start, and
+    `active_highwaters[tp]` being the partition's last offset (-1 when empty)."""
+    build = Recovery._build_offsets
+    if not getattr(build, "recur_restores", False):
+
+        async def _build_offsets(self, consumer, tps, destination, title):  # noqa: ANN001, ANN202 - faust's
+            hook = _RESTORE_HOOKS.get(self.app)
+            if hook is not None and title == "active" and tps:
+                await hook(self, set(tps), destination, self.active_highwaters)
+            return await build(self, consumer, tps, destination, title)
+
+        _build_offsets.recur_restores = True
+        _build_offsets.__wrapped__ = build
+        Recovery._build_offsets = _build_offsets
+    _RESTORE_HOOKS[app] = hook
+
+
+def recovery_cancelled(recovery: Recovery, tp: TP) -> bool:
+    """Whether a restore of `tp` should stop: a new rebalance began, the partition is no longer
+    this worker's, or the worker is stopping. Relies on: `signal_recovery_start`, `active_tps`,
+    `should_stop`."""
+    return recovery.signal_recovery_start.is_set() or tp not in recovery.active_tps or recovery.should_stop
+
+
 def set_producer_buffer(app: faust.App, messages: int) -> None:
     """Table writes queue in faust's producer buffer; its default cap (100 messages) makes every
     batch wait for the changelog a hundred records at a time. Relies on: `producer.buffer.max_messages`."""
@@ -164,6 +204,12 @@ def active_dbs(table: TableT) -> Iterator:
 def offset_key(table: TableT) -> bytes:
     """The key under which faust keeps a partition's changelog offset in its database."""
     return table.data.offset_key
+
+
+def persisted_offset_entry(table: TableT, offset: int) -> tuple[bytes, bytes]:
+    """The key and value faust's RocksDB store keeps a partition's changelog offset under (what
+    `set_persisted_offset` writes), to put in the same write batch as the records."""
+    return table.data.offset_key, str(offset).encode()
 
 
 def set_persisted_offset(table: TableT, partition: int, offset: int) -> None:

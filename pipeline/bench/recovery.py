@@ -5,9 +5,11 @@
 N users' states are written straight to the state changelog of a run of its own (one record each,
 the size of a real state: a 2 x 128 float16 vector and 10 recent items, ~850 bytes), then a worker
 with an empty table folder starts and faust restores them before it processes anything. Reported:
-{"users", "changelog_bytes", "store_bytes", "restore_seconds" (faust's "Restoring state" to "Done
-reading", from the worker's log), "users_per_s", "ready_seconds" (process start to ready),
-"users_restored" (the worker's exact count afterwards)}.
+{"users", "changelog_bytes", "store_bytes", "restore_seconds" (from the first of the bulk restore's
+"reading" and faust's "Restoring state" to the last of "written in bulk" and faust's "Done reading",
+from the worker's log), "users_per_s", "ready_seconds" (process start to ready), "users_restored"
+(the worker's exact count afterwards), "bulk_restore" (RECUR_BULK_RESTORE) and
+"records_restored_in_bulk"}.
 """
 
 from __future__ import annotations
@@ -126,16 +128,19 @@ def run_recovery_bench(settings: Settings, n_users: int, say: Callable[[str], No
         worker_process.stop(worker)
         worker = None
         log = log_path.read_text()
-        begin, done = _log_time(log, "Restoring state from changelog topics"), _log_time(log, "Done reading from changelog topics")
-        if begin is None or done is None:
+        begins = [t for t in (_log_time(log, "restore: reading about"), _log_time(log, "Restoring state from changelog topics")) if t]
+        ends = [t for t in (_log_time(log, "written in bulk"), _log_time(log, "Done reading from changelog topics")) if t]
+        if not begins or not ends:
             raise RuntimeError(f"bench: the worker's log does not show a restore; see {log_path}")
-        restore = done - begin
+        restore = max(ends) - min(begins)
+        bulk = re.search(r"restore: (\d+) changelog records written in bulk", log)
         local = LocalKafka(settings) if settings.local else None
         on_disk = sum(_size(p) for p in (local.data.glob(f"{changelog}-*") if local else []))
         result = {"users": n_users, "changelog_bytes": on_disk or sent, "store_bytes": _size(folder / "var" / "faust"),
                   "restore_seconds": round(restore, 2), "users_per_s": round(n_users / max(restore, 1e-3)),
                   "ready_seconds": round(ready, 2), "state_record_bytes": round(sent / n_users),
-                  "users_restored": restored}
+                  "users_restored": restored, "bulk_restore": settings.bulk_restore,
+                  "records_restored_in_bulk": int(bulk.group(1)) if bulk else 0}
         shutil.rmtree(folder, ignore_errors=True)
         return result
     finally:

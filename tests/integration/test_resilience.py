@@ -232,10 +232,11 @@ def test_rebalance_two_workers_both_work_then_one_leaves(stack, model_registry, 
     _assert_states_match_replay(stack, model_registry, events)
 
 
-def test_state_is_restored_from_the_changelog_onto_an_empty_disk(stack, model_registry):
+def test_state_is_restored_in_bulk_from_the_changelog_onto_an_empty_disk(stack, model_registry):
     events = _events(1000, 50, seed=37)
     first, later = events[:-50], events[-50:]
-    env = {"RECUR_EXCLUDE_PURCHASED": "false", "RECUR_USERS_COUNT_INTERVAL": "0.5"}
+    env = {"RECUR_EXCLUDE_PURCHASED": "false", "RECUR_USERS_COUNT_INTERVAL": "0.5",
+           "RECUR_BULK_RESTORE_MIN_RECORDS": "1"}  # every partition through the bulk restore
     produce_events(stack.settings, first)
     recs = Watcher(stack.settings, stack.settings.recommendations_topic)
     worker = stack.start_worker(**env)
@@ -250,6 +251,12 @@ def test_state_is_restored_from_the_changelog_onto_an_empty_disk(stack, model_re
     values = {r["event_id"]: r for r in recs.values()}
     recs.close()
     assert users == 50  # every user's state is back
+    log = worker.log_path.read_text()
+    bulk = [int(n) for n in re.findall(r"restore: (\d+) changelog records written in bulk", log)]
+    high, start = _restore_tables(log)[0]
+    assert len(bulk) == 1 and bulk[0] >= 50, bulk  # at least one record per user, read in bulk
+    assert sum(high.values()) > 0 and start == high, (high, start)  # faust's own recovery had nothing left to read
+    print(f"bulk restore: {bulk[0]} changelog records for 50 users; faust's recovery started at the highwaters {high}")
     expected = expected_lists(load_artifact(model_registry), events)
     got = {e.event_id: [i["item_id"] for i in values[e.event_id]["items"]] for e in later}
     assert {values[e.event_id]["strategy"] for e in later} == {"lstm"}
@@ -386,12 +393,15 @@ def test_with_a_standby_replica_a_killed_workers_partitions_move_without_a_full_
         sent += len(chunk)
     by_a, by_b = _consumed(a), _consumed(b)
     assert by_a > 0 and by_b > 0
-    recoveries_before = len(_restore_tables(a.log_path.read_text()))
+    log_before = a.log_path.read_text()
+    recoveries_before = len(_restore_tables(log_before))
     b.send_signal(signal.SIGKILL)  # its partitions move to a, whose standbys of them are promoted
     b.wait(10)
     _rest_goes_to_a(stack, recs, a, events, sent, by_a)
     high, start = _restore_tables(a.log_path.read_text())[recoveries_before]  # the take-over's recovery
-    replayed = sum(max(0, high[p] - max(start.get(p, -1), 0)) for p in high)
+    in_bulk = sum(int(n) for n in re.findall(r"restore: (\d+) changelog records written in bulk",
+                                             a.log_path.read_text()[len(log_before):]))
+    replayed = in_bulk + sum(max(0, high[p] - max(start.get(p, -1), 0)) for p in high)  # bulk, then faust's
     total = sum(high.values())
     assert total > 0 and replayed < total / 4, (high, start)  # from the standbys' offsets, not from the start
     _assert_states_match_replay(stack, model_registry, events)  # each event applied to its user's state once

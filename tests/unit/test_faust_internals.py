@@ -179,3 +179,56 @@ def test_active_dbs_are_those_of_the_owned_changelog_partitions(streams, monkeyp
     monkeypatch.setattr(streams.app.assignor, "assigned_actives", lambda: {TP(changelog, 0)})
     dbs = list(internals.active_dbs(table))
     assert len(dbs) == 1 and dbs[0] is owned and dbs[0] is not standby
+
+
+def test_recovery_builds_the_active_highwaters_then_the_offsets_then_seeks():
+    from faust.tables.recovery import Recovery
+
+    build = Recovery._build_offsets
+    source = inspect.getsource(Recovery._restart_recovery.fun)  # a mode ServiceTask
+    highwaters = source.index("self._build_highwaters")
+    offsets = source.index("self._build_offsets")
+    seek = source.index("self._seek_offsets")
+    assert highwaters < offsets < seek  # the hook runs with highwaters known, before the seek
+    assert source[offsets:seek].count('"active"') >= 1
+    assert list(inspect.signature(getattr(build, "__wrapped__", build)).parameters) == [
+        "self", "consumer", "tps", "destination", "title"]
+
+
+def test_a_restore_hook_moves_the_offsets_faust_reads_on_from(streams):
+    from collections import Counter
+
+    recovery = streams.app.tables.recovery
+    changelog = streams.state.changelog_topic.get_topic_name()
+    tps = {TP(changelog, 0), TP(changelog, 1)}
+    calls = []
+
+    async def hook(rec, hook_tps, offsets, highwaters):
+        calls.append((rec, hook_tps, dict(highwaters)))
+        offsets[TP(changelog, 0)] = 999  # restored up to 999 by the hook
+
+    class Consumer:  # what faust's _build_offsets asks of its consumer
+        async def earliest_offsets(self, *asked):
+            return {tp: 10 for tp in asked}  # the log starts at 10 (compacted before)
+
+    internals.restore_before_recovery(streams.app, hook)
+    recovery.active_highwaters = Counter({TP(changelog, 0): 1500, TP(changelog, 1): 5})
+    offsets = Counter({TP(changelog, 0): 3})
+    asyncio.run(recovery._build_offsets(Consumer(), tps, offsets, "active"))
+    assert calls == [(recovery, tps, {TP(changelog, 0): 1500, TP(changelog, 1): 5})]
+    assert offsets[TP(changelog, 0)] == 999  # faust keeps the larger of the hook's offset and the log start
+    assert offsets[TP(changelog, 1)] == 9
+    asyncio.run(recovery._build_offsets(Consumer(), tps, Counter(), "standby"))
+    assert len(calls) == 1  # standby partitions are left to faust
+
+
+def test_a_restore_is_cancelled_by_a_new_rebalance_a_lost_partition_or_a_stop(streams):
+    recovery = streams.app.tables.recovery
+    tp = TP(streams.state.changelog_topic.get_topic_name(), 0)
+    recovery.active_tps = {tp}
+    assert not internals.recovery_cancelled(recovery, tp)
+    recovery.signal_recovery_start.set()
+    assert internals.recovery_cancelled(recovery, tp)
+    recovery.signal_recovery_start.clear()
+    recovery.active_tps = set()
+    assert internals.recovery_cancelled(recovery, tp)
