@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 5000  # records per fetch and write batch: ~10-25 ms of the event loop each
 STALL_S = 30.0  # no record for this long: leave the rest to faust
+PROGRESS_S = 10.0  # a progress line this often during a long restore
 
 
 def plan(tps: set[TP], offsets: dict[TP, int | None], highwaters: dict[TP, int],
@@ -69,7 +70,7 @@ async def restore(settings: Settings, table: TableT, recovery: Any, tps: set[TP]
         consumer.assign(list(parts))
         for part, tp in parts.items():
             consumer.seek(part, todo[tp][0])
-        written = await _copy(consumer, table, recovery, parts, todo, offsets)
+        written = await _copy(consumer, table, recovery, parts, todo, offsets, total)
     except Exception:  # noqa: BLE001 - a failed bulk read is not fatal: faust reads on from the offsets
         log.exception("restore: the bulk read stopped; faust's recovery reads on from the last offsets written")
     finally:
@@ -81,11 +82,11 @@ async def restore(settings: Settings, table: TableT, recovery: Any, tps: set[TP]
 
 
 async def _copy(consumer: AIOKafkaConsumer, table: TableT, recovery: Any, parts: dict[TopicPartition, TP],
-                todo: dict[TP, tuple[int, int]], offsets: dict[TP, int | None]) -> int:
+                todo: dict[TP, tuple[int, int]], offsets: dict[TP, int | None], total: int = 0) -> int:
     from rocksdict import WriteBatch
 
     pending, written = set(parts), 0
-    last_progress = time.monotonic()
+    last_progress = last_said = time.monotonic()
     while pending:
         for part in list(pending):
             if internals.recovery_cancelled(recovery, parts[part]):
@@ -115,6 +116,9 @@ async def _copy(consumer: AIOKafkaConsumer, table: TableT, recovery: Any, parts:
         for part in list(pending):
             if await consumer.position(part) > todo[parts[part]][1]:
                 pending.discard(part)
+        if pending and time.monotonic() - last_said > PROGRESS_S:
+            last_said = time.monotonic()
+            log.info("restore: %d of about %d changelog records written", written, total)
         if pending and time.monotonic() - last_progress > STALL_S:
             log.warning("restore: no changelog records for %.0f s; faust's recovery reads the rest", STALL_S)
             break
