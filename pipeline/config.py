@@ -65,6 +65,7 @@ class Settings:
     backlog_wait: float = 0.06  # in a backlog (>= max_batch records waiting): seconds a batch may wait to fill
     fetch_max_wait: float = 0.02  # seconds the broker may hold a fetch that has no new data for
     torch_threads: int = 1  # the model's CPU threads in the worker; 0 = torch's default (all cores)
+    omp_wait_policy: str = "passive"  # the worker's OpenMP threads sleep between parallel regions; "" = OpenMP's default
     scorer: str = "auto"  # top-k: exact, ann (approximate, faiss), or auto (ann on a CPU from ann_min_items)
     ann_min_items: int = 200000  # auto: catalogues from this size use ann on a CPU (docs/performance.md)
     ann_probe: int = 0  # ann: IVF lists searched per query; 0 = lists / 32, at least 24 (more = closer to exact, slower)
@@ -200,6 +201,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"config: scorer must be auto, exact or ann, got {s.scorer!r}")
     if s.ann_min_items < 1 or s.ann_probe < 0 or s.ann_candidates < 1 or s.score_memory_mb < 0:
         raise ConfigError("config: ann_min_items and ann_candidates must be >= 1, ann_probe and score_memory_mb >= 0")
+    if s.omp_wait_policy not in ("", "passive", "active"):
+        raise ConfigError(f"config: omp_wait_policy must be passive, active or empty, got {s.omp_wait_policy!r}")
     if s.torch_threads < 0:
         raise ConfigError("config: torch_threads must be >= 0 (0 = torch's default)")
     if s.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -115,3 +116,23 @@ def test_the_demo_loop_command_imports_without_faust_reading_its_loop_flag():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-1000:]
     assert done.stdout.strip() == "False"
+
+
+def test_the_worker_sets_openmp_threads_to_wait_passively_before_torch_loads_unless_told_otherwise():
+    code = ("import os, sys\n"
+            "from pipeline import cli\n"
+            "seen = []\n"
+            "loaded = sys.modules.get\n"
+            "cli.set_openmp_wait_policy = lambda s, f=cli.set_openmp_wait_policy: (f(s), seen.append(loaded('torch')))\n"
+            "cli.COMMANDS['worker'] = lambda args: 0  # no worker: what `recur worker` sets before it runs\n"
+            "cli.main(['worker'])\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), seen == [None])\n")
+
+    def run(**env: str) -> str:
+        base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY" and not k.startswith("RECUR_")}
+        return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    assert run() == ["PASSIVE", "True"]  # set before torch (and its OpenMP runtime) is imported
+    assert run(OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "True"]  # the operator's own value wins
+    assert run(RECUR_OMP_WAIT_POLICY="") == ["None", "True"]  # off: OpenMP's default
