@@ -61,7 +61,7 @@ class Settings:
     bulk_restore_min_records: int = 5000  # ... when a partition has at least this many records to read
     commit_interval: float = 2.8  # seconds between commits of processed input offsets (faust's default)
     max_batch: int = 1024  # events per batched step at most
-    max_wait: float = 0.03  # seconds to wait for more events once one is there (a backlog is taken at once)
+    max_wait: float = 0.015  # seconds to wait for more events once one is there (a backlog is taken at once)
     backlog_wait: float = 0.06  # in a backlog (>= max_batch records waiting): seconds a batch may wait to fill
     fetch_max_wait: float = 0.02  # seconds the broker may hold a fetch that has no new data for
     torch_threads: int = 1  # the model's CPU threads in the worker; 0 = torch's default (all cores)
