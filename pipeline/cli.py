@@ -90,11 +90,11 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def set_openmp_wait_policy(settings: Settings) -> None:
-    """OMP_WAIT_POLICY for `recur worker` (`main` calls this first), before torch and faiss load their
-    OpenMP runtimes (they read it once, then). By default OpenMP's threads spin for a while after each parallel region: with
-    RECUR_TORCH_THREADS=2 on a 2-core machine they took the CPU from the event loop and the broker
-    (1,000,000 items, ann: p99 262 ms at half load spinning, 154 ms passive). A value already in the
-    environment wins."""
+    """OMP_WAIT_POLICY for `recur worker` (`main` calls this first), before torch and faiss load
+    their OpenMP runtimes (they read it once, then). By default OpenMP's threads spin for a while
+    after each parallel region: with RECUR_TORCH_THREADS=2 on a 2-core machine they took the CPU
+    from the event loop and the broker (1,000,000 items, ann: p99 at half load 262-377 ms
+    spinning, 154-158 ms passive). A value already in the environment wins."""
     if settings.omp_wait_policy and "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy.upper())
 
@@ -104,7 +104,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from pipeline.worker import run_worker
 
     settings = _settings(args)
-
     if args.processes < 1:
         raise ConfigError("worker: --processes must be at least 1")
     if settings.security_protocol != "PLAINTEXT":  # credentials and ACLs: one clear line, not faust's retries
