@@ -18,7 +18,7 @@ class Vocabulary:
 
     def __init__(self, items: list[str]) -> None:
         self.items = list(items)
-        self.index = {item: i for i, item in enumerate(self.items)}
+        self.index = dict(zip(self.items, range(len(self.items))))
         if len(self.index) != len(self.items):
             raise DataError("vocabulary: item ids are not unique")
 
