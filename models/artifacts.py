@@ -67,7 +67,10 @@ def save_artifact(
     staging.mkdir()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, staging / "weights.pt")
     digest = _sha256(staging / "weights.pt")
-    version = f"v{stamp}-{digest[:8]}"
+    version, n = f"v{stamp}-{digest[:8]}", 1
+    while (registry / version).exists():  # the same weights saved again within the same second: a version of its own
+        n += 1
+        version = f"v{stamp}-{digest[:8]}-{n}"
     (staging / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     (staging / "items.json").write_text(json.dumps(vocab.items))
     full_meta = {
@@ -80,14 +83,6 @@ def save_artifact(
     }
     (staging / "meta.json").write_text(json.dumps(full_meta, indent=2))
     final = registry / version
-    n = 1
-    while final.exists():  # the same weights saved again within the same second: a version of its own
-        n += 1
-        version = f"v{stamp}-{digest[:8]}-{n}"
-        final = registry / version
-    if n > 1:
-        full_meta["version"] = version
-        (staging / "meta.json").write_text(json.dumps(full_meta, indent=2))
     os.replace(staging, final)
     if publish:
         publish_version(registry, version)
