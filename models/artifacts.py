@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from models.errors import ArtifactError
-from models.lstm import ModelConfig, RecurrentRecommender
+from models.lstm import ModelConfig, RecurrentRecommender, build_model
 from models.vocab import Vocabulary
 
 FORMAT_VERSION = 1
@@ -138,7 +138,7 @@ def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> Artif
     if meta.get("weights_sha256") != _sha256(folder / "weights.pt"):
         raise ArtifactError(f"load: {folder}/weights.pt does not match the checksum in meta.json")
     with torch.device("meta"):  # no random initialisation of weights about to be replaced (0.6 s of
-        model = RecurrentRecommender(config)  # CPU at 1,000,000 items, during a live swap)
+        model = build_model(config)  # CPU at 1,000,000 items, during a live swap)
     try:
         state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state, assign=True)

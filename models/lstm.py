@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ class ModelConfig:
     tie_weights: bool = True  # score items with the input item embedding
     input_skip: bool = True  # add the current item's embedding to the query vector
     score_scale: float = 0.0  # > 0: query and item vectors L2-normalised, score = scale * cosine + bias (NISER)
+    members: int = 1  # > 1: an ensemble of this many such models, trained apart, their scores summed
 
     def __post_init__(self) -> None:
         if self.cell not in ("lstm", "gru"):
@@ -52,6 +54,8 @@ class ModelConfig:
             raise ModelError("config: attention_window must be >= 0")
         if self.score_scale < 0:
             raise ModelError("config: score_scale must be >= 0 (0 = raw inner products)")
+        if self.members < 1:
+            raise ModelError("config: members must be >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +67,17 @@ class ModelConfig:
         size = per_layer * self.num_layers * self.hidden_dim
         if self.attention_window:
             size += self.attention_window * self.hidden_dim + 1
-        return size
+        return size * self.members
+
+    @property
+    def query_dim(self) -> int:
+        """Width of a query vector (and of an item's output vector): E, or E per member."""
+        return self.embedding_dim * self.members
+
+
+def build_model(config: ModelConfig) -> RecurrentRecommender:
+    """The module for `config`: one recurrent model, or an ensemble of `config.members`."""
+    return EnsembleRecommender(config) if config.members > 1 else RecurrentRecommender(config)
 
 
 class RecurrentRecommender(nn.Module):
@@ -209,6 +223,8 @@ def _advance(
     model: RecurrentRecommender, state: torch.Tensor, items: torch.Tensor, event_types: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One recurrent step without scoring: -> (new_state (B, S), queries (B, E))."""
+    if isinstance(model, EnsembleRecommender):
+        return model.advance(state, items, event_types)
     cfg = model.config
     h, c, ring, count = _unpack(cfg, state)
     x = model.embed(items, event_types)  # (B, E)
@@ -224,6 +240,78 @@ def _advance(
         mask = torch.arange(W, device=state.device).unsqueeze(0) >= (W - count).unsqueeze(1)
         out = model._attend(out, ring, mask)
     return _pack(h, c, ring, count), model.query(out, x)
+
+
+class EnsembleRecommender(RecurrentRecommender):
+    """`config.members` recurrent models of one configuration, trained apart (different seeds and
+    data order, `models/train.py`), whose scores are summed. Each member's score is an inner product
+    (plus a bias), so the sum is one inner product of the members' queries, concatenated, with their
+    item vectors, concatenated, plus the summed biases: the scorers, the approximate index and the
+    evaluator treat the ensemble as one model with query width E * members. A user's state is the
+    members' states side by side. On yoochoose-100k three members lift Recall@20 from 0.641 to 0.657
+    (docs/performance.md)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        single = ModelConfig(**{**config.to_dict(), "members": 1})
+        self.members = nn.ModuleList([RecurrentRecommender(single) for _ in range(config.members)])
+        self._joined: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, models: list[RecurrentRecommender]) -> EnsembleRecommender:
+        """An ensemble of trained single models of one configuration (their weights are shared, not copied)."""
+        first = models[0].config
+        if any(m.config != first or isinstance(m, EnsembleRecommender) for m in models):
+            raise ModelError("ensemble: members must be single models of one configuration")
+        with torch.device("meta"):
+            ensemble = cls(ModelConfig(**{**first.to_dict(), "members": len(models)}))
+        ensemble.members = nn.ModuleList(models)
+        return ensemble
+
+    @property
+    def parts(self) -> list[RecurrentRecommender]:
+        """The members, typed."""
+        return cast(list[RecurrentRecommender], list(self.members))
+
+    def _join(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item vectors (V, E * members), summed biases (V,)); outside training computed once per
+        weight version, like a single model's unit rows."""
+        if self.training or torch.is_grad_enabled():
+            return (torch.cat([m.output_embedding() for m in self.parts], dim=1),
+                    torch.stack([m.item_bias for m in self.parts]).sum(0))
+        params = [p for m in self.parts for p in (m.item_emb.weight, m.item_bias)]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._joined is None or self._joined[0] != key:
+            with torch.no_grad():
+                self._joined = (key, torch.cat([m.output_embedding() for m in self.parts], dim=1),
+                                torch.stack([m.item_bias for m in self.parts]).sum(0))
+        return self._joined[1], self._joined[2]
+
+    def output_embedding(self) -> torch.Tensor:
+        return self._join()[0]
+
+    @property
+    def item_bias(self) -> torch.Tensor:  # type: ignore[override]
+        return self._join()[1]
+
+    def advance(self, state: torch.Tensor, items: torch.Tensor,
+                event_types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_advance` for each member on its slice of the state -> (states, queries) side by side."""
+        size = self.config.state_size // self.config.members
+        parts = [_advance(m, state[:, n * size : (n + 1) * size], items, event_types)
+                 for n, m in enumerate(self.parts)]
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+    def forward(self, items: torch.Tensor, types: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The members' queries side by side, and the loss of the summed scores."""
+        queries = torch.cat([m(items, types)[0] for m in self.parts], dim=-1)
+        loss = None
+        if targets is not None:
+            logits = self.score(queries)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return queries, loss
 
 
 @dataclass

@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from models.data import IndexedSession, Session, index_sessions
 from models.errors import ConfigError, DataError
 from models.evaluate import evaluate_model
-from models.lstm import ModelConfig, RecurrentRecommender
+from models.lstm import EnsembleRecommender, ModelConfig, RecurrentRecommender
 from models.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,9 @@ def train(
     those of `catalog` (a shop's whole catalogue) that no session holds."""
     if not sessions:
         raise DataError("train: no sessions to train on")
+    members = int(model_config.get("members", 1))
+    if members > 1:
+        return _train_ensemble(sessions, model_config, cfg, members, on_progress, catalog)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -232,5 +235,38 @@ def train(
         model = fit(index_sessions(sessions, vocab), [], result.best["epoch"], "refit")
     result.model = model
     model.eval()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _train_ensemble(sessions: Sequence[Session], model_config: dict, cfg: TrainConfig, members: int,
+                    on_progress: Callable[[dict], None] | None, catalog: Sequence[str]) -> TrainResult:
+    """`members` single models, each trained as `train` trains one (early stopping, refit) but with
+    its own seed (`cfg.seed` + n: its own initial weights and data order), the time budget shared
+    out; -> their ensemble (`models/lstm.py` EnsembleRecommender). `best` holds the members' mean
+    validation metrics (each member alone) and their epochs."""
+    started = time.monotonic()
+    single = {**model_config, "members": 1}
+    results: list[TrainResult] = []
+    for n in range(members):
+        left = cfg.max_minutes - (time.monotonic() - started) / 60
+        budget = replace(cfg, seed=cfg.seed + n, max_minutes=max(left / (members - n), 0.05))
+        log.info("train: member %d of %d (seed %d)", n + 1, members, budget.seed)
+
+        def tagged(p: dict, n: int = n) -> None:
+            assert on_progress is not None
+            on_progress({**p, "member": n + 1, "members": members})
+
+        results.append(train(sessions, single, budget, tagged if on_progress else None, catalog))
+    first = results[0]
+    result = TrainResult(EnsembleRecommender.of([r.model for r in results]), first.vocab,
+                         n_train_sessions=first.n_train_sessions, data_range=first.data_range)
+    result.model.eval()
+    result.history = [{**row, "member": n + 1} for n, r in enumerate(results) for row in r.history]
+    bests = [r.best for r in results if r.best]
+    if bests:
+        result.best = {"members": members, "epochs": [b.get("epoch") for b in bests],
+                       **{k: float(np.mean([b[k] for b in bests])) for k in ("recall@20", "mrr@20", "ndcg@20")
+                          if all(k in b for b in bests)}}
     result.seconds = time.monotonic() - started
     return result

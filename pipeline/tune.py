@@ -77,7 +77,9 @@ def run_tune(sessions: Sequence[Session], base_model: dict, base_train: TrainCon
 
         t0 = time.monotonic()
         try:
-            result = train(sessions, model_fields(params, base_model), cfg, on_progress=on_progress)
+            # single models: the search compares settings; `recur train --config` then trains the
+            # configured ensemble of them (MODEL_DEFAULTS' members)
+            result = train(sessions, {**model_fields(params, base_model), "members": 1}, cfg, on_progress=on_progress)
         except optuna.TrialPruned as e:
             _say(f"trial {trial.number + 1}/{trials}: pruned ({e}) in {time.monotonic() - t0:.0f} s {params}")
             history.append({"trial": trial.number + 1, "state": "pruned", "params": params})
