@@ -241,7 +241,7 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
                     "max": float(around[-1]) if around else float("nan")},
                 "scorer": settings.scorer},
             "config": {"run": f"bench-{run}", "events": n_events, "users": n_users, "items": n_items,
-                       "embedding_dim": embedding_dim,
+                       "embedding_dim": embedding_dim, "members": artifact.model.config.members,
                        "hidden_dim": hidden_dim, "device": settings.device, "max_batch": settings.max_batch},
         }
         if plot:

@@ -99,7 +99,7 @@ class StepBench:
         """(rows, seconds) for the catalog scoring GEMM alone at `batch` rows, or as many as fit in
         1 GiB of scores (best of 5)."""
         rows = max(1, min(batch, 2**30 // (4 * self.n_items)))
-        q = torch.randn(rows, self.model.config.embedding_dim, device=self.device)
+        q = torch.randn(rows, self.model.config.query_dim, device=self.device)
         out = torch.empty(rows, self.n_items, device=self.device)
         best = float("inf")
         with torch.inference_mode():
@@ -152,7 +152,7 @@ def run_step_bench(device_name: str, artifact: Artifact, scorer_config: ScorerCo
     gemm = gemm_flops(device)
     ref = 1024 if 1024 in by_batch else max(by_batch)
     rows, score_s = bench.score_only(ref)
-    score_flops = 2 * rows * model.config.embedding_dim * n_items / score_s
+    score_flops = 2 * rows * model.config.query_dim * n_items / score_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     cfg = model.config
     return {
@@ -161,7 +161,7 @@ def run_step_bench(device_name: str, artifact: Artifact, scorer_config: ScorerCo
         "items": n_items,
         "model": source,
         "config": {"items": n_items, "embedding_dim": cfg.embedding_dim, "hidden_dim": cfg.hidden_dim,
-                   "layers": cfg.num_layers, "users_in_state": n_users, "k": k},
+                   "layers": cfg.num_layers, "members": cfg.members, "users_in_state": n_users, "k": k},
         "results": results,
         "speedup": round(by_batch[ref] / by_batch[min(by_batch)], 1),
         "overlap_at_k": round(bench.overlap(min(ref, 1024)), 4),

@@ -1,7 +1,7 @@
 import torch
 
 from models.artifacts import Artifact
-from models.lstm import ModelConfig, RecurrentRecommender
+from models.lstm import ModelConfig, RecurrentRecommender, build_model
 from models.scorers import ScorerConfig
 from models.vocab import Vocabulary
 from pipeline.bench.learned import learned_model
@@ -22,6 +22,16 @@ def test_step_bench_smoke_run_reports_every_batch_size():
     assert out["speedup"] > 1 and 0 < out["gemm_efficiency"]
     assert out["device"].startswith("cpu")
     assert (out["scorer"], out["items"], out["overlap_at_k"], out["index_bytes"]) == ("exact", 200, 1.0, 0)
+
+
+def test_step_bench_runs_an_ensemble_with_its_wider_queries():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_items=300, embedding_dim=8, hidden_dim=8, members=3))
+    art = Artifact(model, Vocabulary([str(n) for n in range(300)]), {"version": "t"}, None)
+    out = run_step_bench("cpu", art, ScorerConfig(kind="exact"), n_users=500, k=5, batches=[1, 64], seconds=0.05,
+                         source="random")
+    assert out["config"]["members"] == 3 and all(r["events_per_s"] > 0 for r in out["results"])
+    assert out["gemm_efficiency"] > 0  # its GEMM: 64 rows x 24 (3 x 8) wide queries x 300 items
 
 
 def test_step_bench_with_ann_reports_its_overlap_with_exact_and_its_index():
