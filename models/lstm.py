@@ -248,7 +248,7 @@ class EnsembleRecommender(RecurrentRecommender):
     (plus a bias), so the sum is one inner product of the members' queries, concatenated, with their
     item vectors, concatenated, plus the summed biases: the scorers, the approximate index and the
     evaluator treat the ensemble as one model with query width E * members. A user's state is the
-    members' states side by side. On yoochoose-100k three members lift Recall@20 from 0.641 to 0.657
+    members' states side by side. On yoochoose-100k three members lift Recall@20 from 0.641 to 0.653
     (docs/performance.md)."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -277,15 +277,16 @@ class EnsembleRecommender(RecurrentRecommender):
     def _join(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(item vectors (V, E * members), summed biases (V,)); outside training computed once per
         weight version, like a single model's unit rows."""
-        if self.training or torch.is_grad_enabled():
+        def joined() -> tuple[torch.Tensor, torch.Tensor]:
             return (torch.cat([m.output_embedding() for m in self.parts], dim=1),
                     torch.stack([m.item_bias for m in self.parts]).sum(0))
-        params = [p for m in self.parts for p in (m.item_emb.weight, m.item_bias)]
-        key = tuple((p.data_ptr(), p._version) for p in params)
+
+        if self.training or torch.is_grad_enabled():
+            return joined()
+        key = tuple((p.data_ptr(), p._version) for m in self.parts for p in (m.item_emb.weight, m.item_bias))
         if self._joined is None or self._joined[0] != key:
             with torch.no_grad():
-                self._joined = (key, torch.cat([m.output_embedding() for m in self.parts], dim=1),
-                                torch.stack([m.item_bias for m in self.parts]).sum(0))
+                self._joined = (key, *joined())
         return self._joined[1], self._joined[2]
 
     def output_embedding(self) -> torch.Tensor:

@@ -40,7 +40,7 @@ def read_sessions(path: str, fmt: str, session_gap_s: float = DEFAULT_SESSION_GA
 # (None on the command line) come from a --config file when given, else from here. These were chosen
 # by `recur tune` on yoochoose-100k's training part (docs/performance.md, "Tuning"): an LSTM with
 # attention over its last 5 outputs, scoring by scaled cosine, dropout 0.36, a high learning rate;
-# three such models trained from different seeds, their scores summed (Recall@20 0.641 -> 0.657)
+# three such models trained from different seeds, their scores summed (Recall@20 0.641 -> 0.653)
 MODEL_DEFAULTS = dict(embedding_dim=96, hidden_dim=192, layers=1, cell="lstm", attention_window=5, dropout=0.36,
                       score_scale=10.0, members=3)
 TRAIN_DEFAULTS = dict(epochs=TrainConfig.epochs, batch_size=128, lr=0.0083, loss="auto",
@@ -76,7 +76,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    f"(default {d['attention_window']})")
     p.add_argument("--dropout", type=float, help=f"(default {d['dropout']})")
     p.add_argument("--members", type=int, help="models trained from different seeds whose scores are summed; "
-                   f"1 = a single model, 1/members of the step's cost (default {d['members']})")
+                   f"1 = a single model (the step does every member's work) (default {d['members']})")
     p.add_argument("--score-scale", type=float, help="> 0: score = scale * cosine(query, item) + bias, with "
                    f"normalised vectors; 0 = inner products (default {d['score_scale']})")
 
