@@ -359,8 +359,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pipeline.bench.e2e import run_e2e_bench
 
         given = load_artifact(args.model) if args.model and args.model != "random" else None
+        settings.var_path.mkdir(parents=True, exist_ok=True)
+        plot = args.plot or str(settings.var_path / "bench-e2e.png")  # never into the working tree
         result = run_e2e_bench(settings, args.events, args.users, args.items, args.embedding_dim, args.hidden_dim,
-                               args.latency_seconds, args.plot, say, artifact=given, swap=args.swap,
+                               args.latency_seconds, plot, say, artifact=given, swap=args.swap,
                                workers=[int(w) for w in args.workers.split(",")])
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0

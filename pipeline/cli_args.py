@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "a consumer group of its own; adds 'workers' and 'scaling')")
     p.add_argument("--swap", action="store_true", help="e2e: publish the model again halfway through the paced "
                                                        "load and report the latency around the swap")
-    p.add_argument("--plot", default="bench-e2e.png", help="e2e: PNG of throughput and latency")
+    p.add_argument("--plot", help="e2e: PNG of throughput and latency (default <RECUR_VAR_DIR>/bench-e2e.png)")
     setting_flag(p, "--max-batch", "e2e: worker batch cap", type=int)
     _broker_flags(p)
 
