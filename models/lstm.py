@@ -152,6 +152,25 @@ class RecurrentRecommender(nn.Module):
         weights = torch.softmax(logits, dim=-1).unsqueeze(-1)  # (N, W, 1)
         return q_src + self.att_out((weights * keys).sum(1))
 
+    def advance(self, state: torch.Tensor, items: torch.Tensor,
+                event_types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One recurrent step without scoring: -> (new_state (B, S), queries (B, E))."""
+        cfg = self.config
+        h, c, ring, count = _unpack(cfg, state)
+        x = self.embed(items, event_types)  # (B, E)
+        if cfg.cell == "lstm":
+            out, (h, c) = self.rnn(x.unsqueeze(0), (h, c))
+        else:
+            out, h = self.rnn(x.unsqueeze(0), h)
+        out = out[0]  # (B, H)
+        if cfg.attention_window:
+            W = cfg.attention_window
+            ring = torch.cat([ring[:, 1:], out.unsqueeze(1)], dim=1)  # (B, W, H)
+            count = torch.clamp(count + 1, max=W)
+            mask = torch.arange(W, device=state.device).unsqueeze(0) >= (W - count).unsqueeze(1)
+            out = self._attend(out, ring, mask)
+        return _pack(h, c, ring, count), self.query(out, x)
+
     # -- full sequences (training) ----------------------------------------
     def forward(
         self,
@@ -219,29 +238,6 @@ def _pack(h: torch.Tensor, c: torch.Tensor | None, ring: torch.Tensor | None, co
     return torch.cat(parts, dim=1)
 
 
-def _advance(
-    model: RecurrentRecommender, state: torch.Tensor, items: torch.Tensor, event_types: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recurrent step without scoring: -> (new_state (B, S), queries (B, E))."""
-    if isinstance(model, EnsembleRecommender):
-        return model.advance(state, items, event_types)
-    cfg = model.config
-    h, c, ring, count = _unpack(cfg, state)
-    x = model.embed(items, event_types)  # (B, E)
-    if cfg.cell == "lstm":
-        out, (h, c) = model.rnn(x.unsqueeze(0), (h, c))
-    else:
-        out, h = model.rnn(x.unsqueeze(0), h)
-    out = out[0]  # (B, H)
-    if cfg.attention_window:
-        W = cfg.attention_window
-        ring = torch.cat([ring[:, 1:], out.unsqueeze(1)], dim=1)  # (B, W, H)
-        count = torch.clamp(count + 1, max=W)
-        mask = torch.arange(W, device=state.device).unsqueeze(0) >= (W - count).unsqueeze(1)
-        out = model._attend(out, ring, mask)
-    return _pack(h, c, ring, count), model.query(out, x)
-
-
 class EnsembleRecommender(RecurrentRecommender):
     """`config.members` recurrent models of one configuration, trained apart (different seeds and
     data order, `models/train.py`), whose scores are summed. Each member's score is an inner product
@@ -298,9 +294,9 @@ class EnsembleRecommender(RecurrentRecommender):
 
     def advance(self, state: torch.Tensor, items: torch.Tensor,
                 event_types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_advance` for each member on its slice of the state -> (states, queries) side by side."""
+        """Each member's `advance` on its slice of the state -> (states, queries) side by side."""
         size = self.config.state_size // self.config.members
-        parts = [_advance(m, state[:, n * size : (n + 1) * size], items, event_types)
+        parts = [m.advance(state[:, n * size : (n + 1) * size], items, event_types)
                  for n, m in enumerate(self.parts)]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
@@ -343,7 +339,7 @@ def step(
     score=False: the new states only (re-warming users after a swap).
     Results are inference tensors: clone them before editing in place."""
     with torch.inference_mode():
-        new_state, queries = _advance(model, state, items, event_types)
+        new_state, queries = model.advance(state, items, event_types)
         if not score:
             return StepResult(new_state)
         if k is None:

@@ -44,6 +44,12 @@ ANN_MIN_PROBE = 48
 CPU_BLOCK_ROWS = 256  # on a CPU: a block of scores that stays in cache while its top-k is taken
 
 
+def probe_for(lists: int, config: ScorerConfig) -> int:
+    """IVF lists searched per query: the configured number, else lists / 32 but at least
+    ANN_MIN_PROBE; never more than there are."""
+    return min(lists, config.ann_probe or max(ANN_MIN_PROBE, lists // 32))
+
+
 class Scorer(Protocol):
     name: str
 
@@ -204,7 +210,7 @@ class AnnScorer:
         vectors = torch.cat([points, lift], dim=1).numpy().astype(np.float32)
         V, d = vectors.shape
         self.lists = config.ann_lists or max(1, min(int(4 * math.sqrt(V)), V // 39 or 1))
-        self.probe = min(self.lists, config.ann_probe or max(ANN_MIN_PROBE, self.lists // 32))
+        self.probe = probe_for(self.lists, config)
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, self.lists, faiss.METRIC_L2)
         rng = np.random.default_rng(0)
         index.train(vectors[rng.choice(V, size=min(V, 64 * self.lists), replace=False)])
@@ -236,7 +242,7 @@ class AnnScorer:
             return False
         index = faiss.read_index(str(path))
         self.index, self.lists = index, int(meta["lists"])
-        self.probe = min(self.lists, config.ann_probe or max(ANN_MIN_PROBE, self.lists // 32))
+        self.probe = probe_for(self.lists, config)
         index.nprobe = self.probe
         self.index_bytes = path.stat().st_size
         self.loaded = True
