@@ -133,3 +133,33 @@ def test_with_a_score_scale_scores_are_scaled_cosines_and_follow_new_weights():
     with torch.no_grad():
         model.item_emb.weight.mul_(-1.0)
     torch.testing.assert_close(step(model, state, items, types).scores, scores)
+
+
+@pytest.mark.parametrize("kw", [{}, {"score_scale": 10.0}, {"members": 3}])
+def test_inference_scores_carry_the_bias_in_the_product_and_follow_new_weights(kw):
+    from models.lstm import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_items=300, embedding_dim=8, hidden_dim=12, dropout=0.0, **kw)).eval()
+    queries = torch.randn(40, model.config.query_dim)
+    params = [p for n, p in model.named_parameters() if n.endswith("item_bias")]
+
+    def reference() -> torch.Tensor:  # the training path's formula: q . e + b
+        with torch.no_grad():
+            return queries @ model.output_embedding().T + model.item_bias
+
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.5)
+    for _ in range(2):  # built once, then read from the cache
+        with torch.inference_mode():
+            got = model.score(queries, out=torch.empty(40, 300))
+        torch.testing.assert_close(got, reference(), rtol=1e-5, atol=1e-5)
+    assert got.abs().max() > 0.5  # the biases are in it
+    with torch.no_grad():
+        for p in params:
+            p.add_(3.0)  # an in-place update (an optimizer step) must reach the next score
+    with torch.inference_mode():
+        moved = model.score(queries)
+    torch.testing.assert_close(moved, reference(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moved - got, torch.full_like(got, 3.0 * len(params)), rtol=1e-4, atol=1e-4)

@@ -151,7 +151,9 @@ def test_the_worker_path_with_ann_keeps_purchases_out_and_matches_exact_when_exh
     _, recs_exact, _ = exact.process({"u": None}, evs)
     bought = {f"i{n}" for n in range(1, 12, 2)}
     assert all(len(r.items) == 10 and not set(r.items) & bought for r in recs_ann)
-    assert [r.items for r in recs_ann] == [r.items for r in recs_exact]
+    assert [r.item_ids for r in recs_ann] == [r.item_ids for r in recs_exact]
+    # the same scores up to float32 rounding: ann re-scores its candidates with its own product
+    assert [s for r in recs_ann for s in r.scores] == pytest.approx([s for r in recs_exact for s in r.scores], abs=2e-4)
 
 
 def test_step_hands_exclusions_to_the_scorer(model):
