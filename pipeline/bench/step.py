@@ -152,8 +152,13 @@ def run_step_bench(device_name: str, artifact: Artifact, scorer_config: ScorerCo
     rates = bench.rates(batches, seconds)
     results = [{"batch": b, "events_per_s": round(rates[b], 1)} for b in batches]
     by_batch = {b: round(rates[b], 1) for b in batches}
-    gemm = gemm_flops(device)
     ref = 1024 if 1024 in by_batch else max(by_batch)
+    exact_rate = None
+    if isinstance(scorer, AnnScorer):  # the same step with exact scoring, in the same run
+        bench.scorer = ExactScorer(scorer_config.score_memory_mb)
+        exact_rate = round(bench.rates([ref], seconds)[ref], 1)
+        bench.scorer = scorer
+    gemm = gemm_flops(device)
     rows, score_s = bench.score_only(ref)
     score_flops = 2 * rows * model.config.query_dim * n_items / score_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -168,6 +173,8 @@ def run_step_bench(device_name: str, artifact: Artifact, scorer_config: ScorerCo
         "results": results,
         "speedup": round(by_batch[ref] / by_batch[min(by_batch)], 1),
         "overlap_at_k": round(bench.overlap(min(ref, 1024)), 4),
+        "exact_events_per_s": exact_rate,  # ann only: exact scoring at the reference batch, measured after it
+        "over_exact": round(by_batch[ref] / exact_rate, 1) if exact_rate else None,
         "index_build_seconds": round(getattr(scorer, "build_seconds", 0.0), 3),
         "index_bytes": int(getattr(scorer, "index_bytes", 0)),
         "ann": {"lists": scorer.lists, "probe": scorer.probe, "candidates": scorer.candidates}

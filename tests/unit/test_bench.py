@@ -22,6 +22,7 @@ def test_step_bench_smoke_run_reports_every_batch_size():
     assert out["speedup"] > 1 and 0 < out["gemm_efficiency"]
     assert out["device"].startswith("cpu")
     assert (out["scorer"], out["items"], out["overlap_at_k"], out["index_bytes"]) == ("exact", 200, 1.0, 0)
+    assert out["exact_events_per_s"] is None and out["over_exact"] is None  # ann only
 
 
 def test_step_bench_runs_an_ensemble_with_its_wider_queries():
@@ -40,8 +41,11 @@ def test_step_bench_with_ann_reports_its_overlap_with_exact_and_its_index():
     # every list searched: the same items but where two scores differ in float rounding only (an
     # untrained model has many near-equal scores; re-scoring and the GEMM sum in other orders)
     assert exhaustive["scorer"] == "ann" and exhaustive["overlap_at_k"] >= 0.99
-    assert exhaustive["index_build_seconds"] >= 0 and exhaustive["index_bytes"] >= 3000 * 10 * 4  # [e, b, lift]
-    assert exhaustive["ann"] == {"lists": 8, "probe": 8, "candidates": 100}
+    assert exhaustive["index_build_seconds"] >= 0 and exhaustive["index_bytes"] >= 3000 * 10 * 2  # [e, b, lift] as float16
+    assert exhaustive["ann"] == {"lists": 8, "probe": 8, "candidates": 40}
+    # exact scoring of the same step in the same run, and ann's rate over it
+    assert exhaustive["exact_events_per_s"] > 0
+    assert exhaustive["over_exact"] == round(exhaustive["results"][0]["events_per_s"] / exhaustive["exact_events_per_s"], 1)
     narrow = run_step_bench("cpu", _artifact(3000), ScorerConfig(kind="ann", ann_lists=64, ann_probe=1,
                                                                  ann_candidates=10),
                             n_users=1000, k=10, batches=[64], seconds=0.05, source="random")

@@ -77,7 +77,7 @@ def test_ann_equals_exact_where_its_search_is_exhaustive(model):
         values, items = ann(model, queries, 20, exclude)
     assert torch.equal(items, expected.indices)
     assert torch.allclose(values, expected.values, atol=1e-5)
-    assert ann.build_seconds > 0 and ann.index_bytes >= V * (E + 1) * 4
+    assert ann.build_seconds > 0 and ann.index_bytes >= V * (E + 2) * 2  # [e, b, lift] as float16, at least
 
 
 def test_a_catalogue_smaller_than_k_or_all_excluded_leaves_the_rest_minus_infinity():
@@ -206,11 +206,33 @@ def test_an_index_stored_with_the_artifact_is_read_instead_of_built_and_only_for
         assert torch.equal(read(model, queries, 20)[1], built(model, queries, 20)[1])
     other = build_scorer(model, cfg, "cpu", tmp_path, "sha-of-retrained-weights")  # a new model: built anew
     assert not other.loaded and other.lists == 16
+    meta = tmp_path / (INDEX_FILE + ".json")  # an index stored by an earlier version (float32, no format)
+    meta.write_text(meta.read_text().replace(', "format": 2', ""))
+    assert not build_scorer(model, cfg, "cpu", tmp_path, "sha-of-these-weights").loaded
 
 
 @pytest.mark.parametrize(("n_items", "lists", "probe"), [(3000, 76, 48), (200, 5, 5)])
-def test_the_default_probe_searches_lists_over_32_but_at_least_48_lists(n_items, lists, probe):
+def test_the_default_probe_searches_lists_over_50_but_at_least_48_lists(n_items, lists, probe):
+    from models.scorers import probe_for
+
     torch.manual_seed(0)
     small = RecurrentRecommender(ModelConfig(n_items=n_items, embedding_dim=8, hidden_dim=8)).eval()
     scorer = AnnScorer(small, ScorerConfig(kind="ann"))
     assert (scorer.lists, scorer.probe) == (lists, probe)  # 24 lost 0.0125 Recall@20 on yoochoose, 48 0.003
+    # 1,000,000 items: 80 of 4,000 lists (overlap 0.96); 200,000 items: 48 of 1,788
+    assert (probe_for(4000, ScorerConfig()), probe_for(1788, ScorerConfig()), probe_for(4000, ScorerConfig(ann_probe=7))) == (80, 48, 7)
+
+
+def test_ann_chooses_the_lists_faiss_itself_would_for_the_query_scaled_onto_the_sphere(model):
+    import numpy as np
+
+    ann = AnnScorer(model, ScorerConfig(ann_lists=32, ann_probe=5, ann_candidates=30))
+    queries = torch.randn(40, E) * 10  # queries far outside the sphere, as the cosine model's are
+    y = torch.nn.functional.pad(torch.cat([queries, torch.ones(40, 1)], dim=1), (0, ann.width - E - 1))
+    y = y * (ann.QUERY_RADIUS * ann.radius / y.norm(dim=1, keepdim=True))
+    _, faiss_own = ann.index.search(np.ascontiguousarray(y.numpy()), 30)  # faiss's coarse step and scan
+    with torch.inference_mode():
+        ours = ann.search(queries, 30)  # lists chosen in torch, scanned by faiss
+    same = sum(len(set(a) & set(b)) for a, b in zip(ours.tolist(), faiss_own.tolist())) / (40 * 30)
+    assert same >= 0.99  # equal but where two lists' distances tie in float rounding
+    assert ann.width % 8 == 0 and ann.width >= E + 2
