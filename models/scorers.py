@@ -189,7 +189,8 @@ class AnnScorer:
     - The points are stored as float16, padded to a multiple of 8 wide for faiss's SIMD scan:
       the scan reads half the bytes of float32 (padded to 80, probe 64: 15,661 -> 19,993 events/s).
     - The lists to search are chosen by one product and a chunked top-k in torch, instead of
-      faiss's per-query selection (17 -> 8 ms for 1,024 queries over 4,000 lists)."""
+      faiss's per-query selection (1,024 queries over 4,000 lists: 19.6 ms in faiss; the product
+      4 ms and the top-k 8, where `torch.topk` took 13)."""
 
     name = "ann"
     FORMAT = 2  # of a stored index; older ones are rebuilt
