@@ -411,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("kafka", "aiokafka"):  # client chatter at INFO; their warnings still show
+    # client chatter at INFO, and faiss's loader trying the builds it does not ship ("Could not load
+    # library with AVX512 support ... ModuleNotFoundError", eight lines before "Successfully
+    # loaded faiss"); their warnings still show
+    for noisy in ("kafka", "aiokafka", "faiss.loader"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return COMMANDS[args.command](args)
