@@ -43,13 +43,16 @@ SCORERS = ("auto", "exact", "ann")
 # model lost 0.0125 Recall@20 against exact at 24 lists, 0.0029 at 48 (docs/performance.md)
 ANN_MIN_PROBE = 48
 CPU_BLOCK_ROWS = 256  # on a CPU: a block of scores that stays in cache while its top-k is taken
+# k-means points per IVF list (at most all items): at 1,000,000 items and probe 64, 64 a list gave
+# overlap 0.941 with exact, 128 0.955 and 250 (every item) 0.971, in 11, 19 and 32 s of building
+TRAIN_POINTS_PER_LIST = 256
 
 
 def probe_for(lists: int, config: ScorerConfig) -> int:
-    """IVF lists searched per query: the configured number, else lists / 50 but at least
-    ANN_MIN_PROBE; never more than there are. At 1,000,000 items: 80 of 4,000 lists, overlap 0.955
-    with exact (docs/performance.md)."""
-    return min(lists, config.ann_probe or max(ANN_MIN_PROBE, lists // 50))
+    """IVF lists searched per query: the configured number, else lists / 64 but at least
+    ANN_MIN_PROBE; never more than there are. At 1,000,000 items: 62 of 4,000 lists
+    (docs/performance.md)."""
+    return min(lists, config.ann_probe or max(ANN_MIN_PROBE, lists // 64))
 
 
 class Scorer(Protocol):
@@ -66,7 +69,7 @@ class ScorerConfig:
     kind: str = "auto"  # auto, exact or ann
     ann_min_items: int = 200_000  # auto picks ann on a CPU from this many items (docs/performance.md)
     ann_lists: int = 0  # IVF lists; 0 = 4 * sqrt(items), at least 1
-    ann_probe: int = 0  # lists searched per query; 0 = lists / 50, at least ANN_MIN_PROBE
+    ann_probe: int = 0  # lists searched per query; 0 = lists / 64, at least ANN_MIN_PROBE
     ann_candidates: int = 40  # candidates re-scored exactly per query (at least k + excluded)
     score_memory_mb: int = 0  # exact scoring on a GPU: memory for one block of scores; 0 = auto_block_bytes
     gpu_tf32: bool = False  # exact scoring on a GPU: candidates by a TF32 product, re-scored in float32
@@ -199,7 +202,7 @@ class AnnScorer:
     def __init__(self, model: RecurrentRecommender, config: ScorerConfig, stored: Path | None = None,
                  weights_sha256: str = "") -> None:
         """`stored`: an index file written by `save` for these weights (`weights_sha256`): read
-        instead of built when it matches (a second, not ~12 s at 1,000,000 items)."""
+        instead of built when it matches (a second, not ~34 s at 1,000,000 items)."""
         try:
             import faiss  # a compute library, imported only when ann is chosen
         except ImportError:
@@ -229,7 +232,7 @@ class AnnScorer:
         index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(d), d, lists, faiss.ScalarQuantizer.QT_fp16,
                                               faiss.METRIC_L2, False)  # the points, not residuals: 4% faster
         rng = np.random.default_rng(0)
-        index.train(vectors[rng.choice(V, size=min(V, 64 * lists), replace=False)])
+        index.train(vectors[rng.choice(V, size=min(V, TRAIN_POINTS_PER_LIST * lists), replace=False)])
         index.add(vectors)
         self._use(index, lists, config)
         self.build_seconds = time.perf_counter() - started

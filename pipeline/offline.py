@@ -186,7 +186,7 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
 def store_ann_index(path: Path, model: RecurrentRecommender, settings: Settings) -> float | None:
     """For a catalogue that a CPU worker serves with ann (RECUR_SCORER, RECUR_ANN_MIN_ITEMS), build
     the index of `model` (just saved at `path`) now and store it with the artifact, before it is
-    published: the worker then reads it instead of spending ~20 s of a core on it while it serves.
+    published: the worker then reads it instead of spending ~34 s of its cores on it while it serves.
     -> seconds, None when not needed."""
     config = dataclasses.replace(settings.scorer_config(), threads=0)  # all cores: nothing else runs here
     if choose(config, torch.device("cpu"), model.config.n_items) != "ann":
