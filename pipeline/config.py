@@ -68,7 +68,7 @@ class Settings:
     omp_wait_policy: str = "passive"  # the worker's OpenMP threads sleep between parallel regions; "" = OpenMP's default
     scorer: str = "auto"  # top-k: exact, ann (approximate, faiss), or auto (ann on a CPU from ann_min_items)
     ann_min_items: int = 200000  # auto: catalogues from this size use ann on a CPU (docs/performance.md)
-    ann_probe: int = 0  # ann: IVF lists searched per query; 0 = lists / 50, at least 48 (more = closer to exact, slower)
+    ann_probe: int = 0  # ann: IVF lists searched per query; 0 = lists / 64, at least 48 (more = closer to exact, slower)
     ann_candidates: int = 40  # ann: candidates re-scored exactly per query
     score_memory_mb: int = 0  # exact scoring on a GPU: MiB for one block of scores; 0 = 1/16 of the GPU, at most 4096
     gpu_tf32: bool = False  # exact scoring on a GPU: TF32 product for candidates, re-scored in float32
