@@ -142,6 +142,12 @@ def recovery_cancelled(recovery: Recovery, tp: TP) -> bool:
     return recovery.signal_recovery_start.is_set() or tp not in recovery.active_tps or recovery.should_stop
 
 
+def kafka_producer(app: faust.App):  # noqa: ANN201 - aiokafka's AIOKafkaProducer
+    """The aiokafka producer under faust's (for its batch API, `pipeline/producing.py`); the
+    same one faust flushes before it commits. Relies on: `Producer._ensure_producer()`."""
+    return app.producer._ensure_producer()
+
+
 def set_producer_buffer(app: faust.App, messages: int) -> None:
     """Table writes queue in faust's producer buffer; its default cap (100 messages) makes every
     batch wait for the changelog a hundred records at a time. Relies on: `producer.buffer.max_messages`."""

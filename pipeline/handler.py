@@ -28,6 +28,7 @@ from pipeline.batching import records_after
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
 from pipeline.model_watch import ItemCoverage
+from pipeline.producing import PartitionBatches, partition_for
 from pipeline.records import decode_event, dlq_headers, encode_recommendation
 from pipeline.state_store import StateStore
 
@@ -106,14 +107,16 @@ class BatchHandler:
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         await self.write_states(changed, source, bind)
         sent_ms = int(time.time() * 1000)
-        producer = self.streams.app.producer  # straight to the producer: no per-record faust bookkeeping
-        topic = self.settings.recommendations_topic
+        out = PartitionBatches(internals.kafka_producer(self.streams.app), self.settings.recommendations_topic)
+        rec_partitions = await out.partitions()
         strategies: Counter[str] = Counter()
+        observe = self.metrics.e2e_seconds.observe
         for rec in recs:
             key, value = encode_recommendation(rec, sent_ms)
-            await producer.send(topic, key, value, None, None, None)
+            out.add(partition_for(key, rec_partitions), key, value)  # keyed by user, as producer.send would file it
             strategies[rec.strategy] += 1
-            self.metrics.e2e_seconds.observe(max(0.0, (sent_ms - rec.event_timestamp) / 1000.0))
+            observe(max(0.0, (sent_ms - rec.event_timestamp) / 1000.0))
+        await out.submit()
         for strategy, n in strategies.items():
             self.metrics.recommendations.labels(strategy).inc(n)
         m = self.metrics
@@ -137,32 +140,35 @@ class BatchHandler:
         What `table[key] = value` does, minus faust's per-key bookkeeping (a changelog
         future, a callback and a RocksDB write of the changelog offset for every key),
         which cost as much as the model step. The store is written a batch at a time
-        (`pipeline/state_store.py`); the changelog record goes straight to the app's producer, to the partition of the
-        user's events (the table's partition); the changelog offset the store remembers
-        for recovery is written once per partition when the broker has acknowledged the
-        batch. Faust flushes the producer before it commits input offsets, so a batch's
-        events are committed only after its state is durable. The table stores raw bytes
-        (see `pipeline/app.py`), so store and changelog hold the same bytes."""
+        (`pipeline/state_store.py`); the changelog records go straight to the producer, one
+        batch per partition of the user's events (the table's partition,
+        `pipeline/producing.py`); the changelog offset the store remembers for recovery is
+        written once per partition when the broker has acknowledged its batch. Faust flushes
+        the producer before it commits input offsets, so a batch's events are committed only
+        after its state is durable. The table stores raw bytes (see `pipeline/app.py`), so
+        store and changelog hold the same bytes."""
         if not changed:
             return
         table = self.streams.state
-        topic = table.changelog_topic.get_topic_name()  # public: Topic.get_topic_name()
-        producer = self.streams.app.producer
         records = [(user.encode(), state.encode(), source[user]) for user, state in changed.items()]
         self.store.write(records, bind)
-        pending = [await producer.send(topic, key, value, event.message.partition, None, None)
-                   for key, value, event in records]
+        out = PartitionBatches(internals.kafka_producer(self.streams.app),
+                               table.changelog_topic.get_topic_name())  # public: Topic.get_topic_name()
+        for key, value, event in records:
+            out.add(event.message.partition, key, value)
+        by_partition: dict[int, list[tuple[int, asyncio.Future]]] = {}
+        for partition, count, future in await out.submit():
+            by_partition.setdefault(partition, []).append((count, future))
+        for partition, sent in by_partition.items():
+            count, last = sent[-1]  # a partition's batches in order: its last record ends the last one
 
-        def persisted(done: asyncio.Future) -> None:
-            if done.cancelled() or done.exception() is not None:
-                return  # the producer reports send errors itself; recovery then reads more
-            last: dict[int, int] = {}
-            for meta in done.result():
-                last[meta.partition] = max(meta.offset, last.get(meta.partition, -1))
-            for partition, offset in last.items():
-                internals.set_persisted_offset(table, partition, offset)
+            def persisted(done: asyncio.Future, partition: int = partition, count: int = count,
+                          last: asyncio.Future = last) -> None:
+                if done.cancelled() or done.exception() is not None:
+                    return  # the producer reports send errors itself; recovery then reads more
+                internals.set_persisted_offset(table, partition, last.result().offset + count - 1)
 
-        asyncio.gather(*pending).add_done_callback(persisted)
+            (last if len(sent) == 1 else asyncio.gather(*(f for _, f in sent))).add_done_callback(persisted)
 
     def _lag(self, last_offsets: dict) -> None:
         for tp, waiting in records_after(self.streams.app.consumer, last_offsets).items():
