@@ -213,8 +213,10 @@ class OnlineRecommender:
                 stats.hit_opportunities += 1
                 stats.hits += ev.event.item_id in st.last_recs
             self.trending.add(ev.event.item_id)
-            st.recent_items = (st.recent_items + [ev.event.item_id])[-cfg.recent_n :]
-            st.recent_types = (st.recent_types + [ev.event.event_type])[-cfg.recent_n :]
+            st.recent_items.append(ev.event.item_id)  # the state's own lists (decoded or fresh)
+            st.recent_types.append(ev.event.event_type)
+            if len(st.recent_items) > cfg.recent_n:
+                del st.recent_items[: -cfg.recent_n], st.recent_types[: -cfg.recent_n]
             st.last_offset = ev.offset
             stats.applied += 1
             if self.model is None:
@@ -230,8 +232,8 @@ class OnlineRecommender:
             items = torch.tensor([i for _, i in known], device=self.device)
             types = torch.tensor([events[n].event.event_type for n, _ in known], device=self.device)
             exclude = [self._exclude(current[events[n].event.user_id], i) for n, i in known]
-            out = step(self.live, state, items, types, k=min(cfg.k, self.live.config.n_items), exclude=exclude,
-                       scorer=self.scorer)
+            out = step(self.live, state, items, types, k=min(cfg.k, self.live.config.n_items),
+                       exclude=exclude if any(exclude) else None, scorer=self.scorer)
             assert out.top_scores is not None and out.top_items is not None
             new_state, top_scores, top_idx = out.state, out.top_scores, out.top_items
             new_vectors = new_state.to(torch.float16).cpu().numpy()
@@ -260,7 +262,7 @@ class OnlineRecommender:
                 recs[n] = self._emit(events[n], st, [i for i, _ in top], [c for _, c in top], "trending")
 
     def _excluded(self, st: UserState) -> set[str]:
-        if not self.config.exclude_purchased:
+        if not self.config.exclude_purchased or PURCHASE not in st.recent_types:
             return set()
         return {i for i, t in zip(st.recent_items, st.recent_types) if t == PURCHASE}
 

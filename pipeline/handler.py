@@ -28,7 +28,7 @@ from pipeline.batching import records_after
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
 from pipeline.model_watch import ItemCoverage
-from pipeline.producing import PartitionBatches, partition_for
+from pipeline.producing import PartitionBatches, partitions_for
 from pipeline.records import decode_event, dlq_headers, encode_recommendation
 from pipeline.state_store import StateStore
 
@@ -111,9 +111,11 @@ class BatchHandler:
         rec_partitions = await out.partitions()
         strategies: Counter[str] = Counter()
         observe = self.metrics.e2e_seconds.observe
+        encoded = [encode_recommendation(rec, sent_ms) for rec in recs]
+        # keyed by user, in the partition producer.send would pick for the key
+        for (key, value), partition in zip(encoded, partitions_for([key for key, _ in encoded], rec_partitions)):
+            out.add(partition, key, value)
         for rec in recs:
-            key, value = encode_recommendation(rec, sent_ms)
-            out.add(partition_for(key, rec_partitions), key, value)  # keyed by user, as producer.send would file it
             strategies[rec.strategy] += 1
             observe(max(0.0, (sent_ms - rec.event_timestamp) / 1000.0))
         await out.submit()

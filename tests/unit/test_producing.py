@@ -4,13 +4,17 @@ and partitioner; the producer itself is a stand-in that records what it was hand
 from __future__ import annotations
 
 import asyncio
+import random
+import uuid
 
+import numpy as np
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 
-from pipeline.producing import PartitionBatches, partition_for
+from pipeline.producing import PartitionBatches, murmur2, partitions_for
 
 
 class FakeProducer:
@@ -78,11 +82,24 @@ def test_a_record_larger_than_a_batch_goes_alone_in_one_of_its_own():
     assert [len(records[0][1]) for _, _, records in producer.sent] == [50, 5000, 10]
 
 
+def test_murmur2_is_kafkas_for_keys_of_every_length():
+    rng = random.Random(7)
+    keys = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 41))) for _ in range(3000)]
+    keys += [f"u{n}".encode() for n in range(1000)] + [str(uuid.UUID(int=rng.getrandbits(128))).encode()
+                                                         for _ in range(200)]
+    assert murmur2(keys).tolist() == [aiokafka_murmur2(k) & 0xFFFFFFFF for k in keys]
+    # the Java client's own test vectors (org.apache.kafka.common.utils.UtilsTest), as signed ints
+    vectors = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
+               b"a-little-bit-longer-string": -1486304829, b"abc": 479470107}
+    assert murmur2(list(vectors)).astype(np.int32).tolist() == list(vectors.values())
+
+
 @pytest.mark.parametrize("partitions", [1, 3, 4, 12])
 def test_partitions_are_the_ones_aiokafkas_default_partitioner_picks_for_the_key(partitions):
     parts = list(range(partitions))
     keys = [f"u{n}".encode() for n in range(2000)]
-    chosen = [partition_for(k, parts) for k in keys]
+    chosen = partitions_for(keys, parts)
     assert chosen == [DefaultPartitioner()(k, parts, parts) for k in keys]
     if partitions > 1:  # spread over every partition, not all on one
         assert set(chosen) == set(parts)
+    assert partitions_for([], parts) == []
