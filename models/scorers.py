@@ -42,13 +42,13 @@ SCORERS = ("auto", "exact", "ann")
 # the fewest IVF lists searched by default: on yoochoose-100k (2,873 items, 73 lists) the scaled-cosine
 # model lost 0.0125 Recall@20 against exact at 24 lists, 0.0029 at 48 (docs/performance.md)
 ANN_MIN_PROBE = 48
-# Queries scored per block on a CPU. A block's scores are written by the product and read back by
-# the top-k; small blocks keep them in cache, large ones read the item matrix fewer times. With
-# caches cold (as in the worker, between batches), one thread, microseconds a query for product
-# and top-k: 20,000 items 34.6 at 64 rows, 40.3 at 256; 100,000 165 and 209; 1,000,000 items 2,337
-# and 2,131 (docs/performance.md).
+# Queries scored per block on a CPU, per torch thread. A block's scores are written by the product
+# and read back by the top-k; small blocks keep them in cache, large ones read the item matrix
+# fewer times. With caches cold (as in the worker, between batches), one thread, microseconds a
+# query for product and top-k: 20,000 items 34.6 at 64 rows, 40.3 at 256; 100,000 165 and 209;
+# 1,000,000 items 2,337 and 2,131 (docs/performance.md).
 CPU_BLOCK_ROWS = 64
-CPU_BLOCK_ROWS_LARGE = 256  # from CPU_LARGE_CATALOGUE items
+CPU_BLOCK_ROWS_LARGE = 256  # from CPU_LARGE_CATALOGUE items, whatever the threads
 CPU_LARGE_CATALOGUE = 500_000
 # k-means points per IVF list (at most all items): at 1,000,000 items and probe 64, 64 a list gave
 # overlap 0.941 with exact, 128 0.955 and 250 (every item) 0.971, in 11, 19 and 32 s of building
@@ -97,10 +97,11 @@ def auto_block_bytes(device_memory: int) -> int:
 
 
 def block_rows(device: torch.device, n_items: int, batch: int, memory_bytes: int) -> int:
-    """Queries scored per block: CPU_BLOCK_ROWS on a CPU; on a GPU as many as fit in
-    `memory_bytes` of float32 scores (at least 1, at most the batch)."""
+    """Queries scored per block: CPU_BLOCK_ROWS per thread on a CPU (CPU_BLOCK_ROWS_LARGE for large
+    catalogues); on a GPU as many as fit in `memory_bytes` of float32 scores (at least 1, at most
+    the batch)."""
     if device.type == "cpu":
-        return CPU_BLOCK_ROWS_LARGE if n_items >= CPU_LARGE_CATALOGUE else CPU_BLOCK_ROWS
+        return CPU_BLOCK_ROWS_LARGE if n_items >= CPU_LARGE_CATALOGUE else CPU_BLOCK_ROWS * torch.get_num_threads()
     return max(1, min(batch, memory_bytes // (4 * n_items)))
 
 

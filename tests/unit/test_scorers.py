@@ -96,7 +96,8 @@ def test_gpu_block_sizing_runs_on_the_cpu_and_never_exceeds_the_memory_budget(mo
     assert block_rows(torch.device("cuda"), 1_000_000, 4096, 2**30) == 268
     assert block_rows(torch.device("cuda"), 50_000, 4096, 2**30) == 4096  # fits at once
     assert block_rows(torch.device("cpu"), 1_000_000, 4096, 2**30) == 256  # cache-sized on a CPU
-    assert block_rows(torch.device("cpu"), 20_000, 4096, 2**30) == 64  # smaller where the items fit in cache
+    # smaller where the items fit in cache: 64 rows a thread
+    assert block_rows(torch.device("cpu"), 20_000, 4096, 2**30) == 64 * torch.get_num_threads()
     rows = block_rows(torch.device("cuda"), V, 600, 2**20)  # 1 MiB budget: 87 rows of 3,001 scores
     scorer = ExactScorer(score_memory_mb=1, rows=rows)  # the GPU's sizing, run on the CPU device
     queries = torch.randn(600, E)
