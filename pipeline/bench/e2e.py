@@ -169,19 +169,19 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         span = _emission_span(settings, settings.recommendations_topic, n_events, 120.0, worker, str(worker.log_path))
         worker_eps = n_events / span
         say(f"    {worker_eps:.0f} events/s")
+        settled = None
+        if settings.snapshot_interval > 0:
+            # (b2...) and (c) measure without it: first let the worker finish the backlog's last work,
+            # its snapshot consumer writing those events to Parquet (up to one snapshot interval)
+            say("    waiting for the worker's snapshots of the backlog")
+            settled = _wait_for_snapshots(settings, n_events, settings.snapshot_interval + 60)
+            say(f"    settled after {settled:.0f}s" if settled is not None else "    snapshots still behind; going on")
         per_count = {1: worker_eps}
         for count in sorted(set(workers or []) - {1}):
             say(f"(b{count}) recur worker --processes {count}, a consumer group of its own, the same events")
             per_count[count] = _group_rate(worker_settings, count, n_events, registry, say)
             say(f"    {per_count[count]:.0f} events/s")
         rate = worker_eps / 2
-        settled = None
-        if settings.snapshot_interval > 0:
-            # (c) measures the steady state: first let the worker finish the backlog's last work, its
-            # snapshot consumer writing those events to Parquet (up to one snapshot interval)
-            say("    waiting for the worker's snapshots of the backlog")
-            settled = _wait_for_snapshots(settings, n_events, settings.snapshot_interval + 60)
-            say(f"    settled after {settled:.0f}s" if settled is not None else "    snapshots still behind; going on")
         say(f"(c) latency at {rate:.0f} events/s for {latency_seconds:.0f}s")
         start = end_offsets(settings, settings.recommendations_topic)
         prod = producer(settings)

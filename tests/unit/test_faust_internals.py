@@ -232,3 +232,20 @@ def test_a_restore_is_cancelled_by_a_new_rebalance_a_lost_partition_or_a_stop(st
     recovery.signal_recovery_start.clear()
     recovery.active_tps = set()
     assert internals.recovery_cancelled(recovery, tp)
+
+
+def test_faust_keeps_its_aiokafka_producer_where_kafka_producer_finds_it(streams):
+    from faust.exceptions import NotReady
+
+    with pytest.raises(NotReady):  # not started: no producer yet
+        internals.kafka_producer(streams.app)
+
+    async def make():
+        return aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
+
+    made = asyncio.run(make())
+    streams.app.producer._producer = made  # what the producer's on_start does
+    assert internals.kafka_producer(streams.app) is made
+    # the batch API pipeline/producing.py uses, and flush() waiting on batches added through it
+    assert {"create_batch", "send_batch", "partitions_for"} <= set(dir(made))
+    assert "self._pending_batches" in inspect.getsource(type(made._message_accumulator).flush)
