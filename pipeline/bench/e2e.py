@@ -72,6 +72,29 @@ def _emission_span(settings, topic: str, n_records: int, stall_s: float, worker,
         consumer.close()
 
 
+STEADY = (0.1, 0.9)  # the share of a run's lists between which its steady rate is taken
+
+
+def steady_rate(emitted_ms: list[int], lo: float = STEADY[0], hi: float = STEADY[1]) -> float:
+    """Events per second between the `lo` and `hi` quantiles of the lists' emission times (ms):
+    a run's rate without its start and its end. A worker group's start holds a rebalance: the
+    first process to join takes every partition and starts, the next one's join stops both for a
+    few seconds (`group.initial.rebalance.delay.ms=0` on the local broker), which the first-to-last
+    span counts as throughput."""
+    times = sorted(emitted_ms)
+    first, last = int(lo * (len(times) - 1)), int(hi * (len(times) - 1))
+    return (last - first) / max((times[last] - times[first]) / 1000, 1e-3)
+
+
+def _emission_times(settings, topic: str, n_records: int) -> list[int]:  # noqa: ANN001
+    """Every list's `emitted_at` in `topic` (read after the run: not beside the worker)."""
+    import orjson
+
+    from pipeline.clients import consume
+
+    return [orjson.loads(raw)["emitted_at"] for _k, raw, _h in consume(settings, topic, n_records, 30.0)]
+
+
 def _wait_for_snapshots(settings, n_records: int, timeout_s: float) -> float | None:  # noqa: ANN001
     """Wait until the worker's snapshot consumer has committed `n_records` events of the events
     topic (written them to Parquet): the backlog's last work. -> seconds waited, None on timeout."""
@@ -94,9 +117,10 @@ def _wait_for_snapshots(settings, n_records: int, timeout_s: float) -> float | N
         commits.close(autocommit=False)
 
 
-def _group_rate(settings: Settings, processes: int, n_events: int, folder: str, say: Callable[[str], None]) -> float:
+def _group_rate(settings: Settings, processes: int, n_events: int, folder: str,
+                say: Callable[[str], None]) -> tuple[float, float]:
     """`recur worker --processes N` in a consumer group of its own over the same preloaded events,
-    its lists to a topic of its own; -> events per second, first to last list."""
+    its lists to a topic of its own; -> events per second (first to last list, steady)."""
     import dataclasses
     import os
     import subprocess
@@ -116,7 +140,7 @@ def _group_rate(settings: Settings, processes: int, n_events: int, folder: str, 
         span = _emission_span(group, group.recommendations_topic, n_events, 120.0, proc, log_path)
     finally:
         worker_process.stop(proc)
-    return n_events / span
+    return n_events / span, steady_rate(_emission_times(group, group.recommendations_topic, n_events))
 
 
 def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int, embedding_dim: int,
@@ -176,11 +200,16 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
             say("    waiting for the worker's snapshots of the backlog")
             settled = _wait_for_snapshots(settings, n_events, settings.snapshot_interval + 60)
             say(f"    settled after {settled:.0f}s" if settled is not None else "    snapshots still behind; going on")
-        per_count = {1: worker_eps}
+        per_count: dict[int, float] = {}  # steady rates (steady_rate), for the scaling
+        full_span: dict[int, float] = {}
+        if workers:
+            per_count[1], full_span[1] = steady_rate(_emission_times(settings, settings.recommendations_topic,
+                                                                     n_events)), worker_eps
+            say(f"    steady (lists {STEADY[0]:.0%} to {STEADY[1]:.0%}): {per_count[1]:.0f} events/s")
         for count in sorted(set(workers or []) - {1}):
             say(f"(b{count}) recur worker --processes {count}, a consumer group of its own, the same events")
-            per_count[count] = _group_rate(worker_settings, count, n_events, registry, say)
-            say(f"    {per_count[count]:.0f} events/s")
+            full_span[count], per_count[count] = _group_rate(worker_settings, count, n_events, registry, say)
+            say(f"    {full_span[count]:.0f} events/s; steady: {per_count[count]:.0f}")
         rate = worker_eps / 2
         say(f"(c) latency at {rate:.0f} events/s for {latency_seconds:.0f}s")
         start = end_offsets(settings, settings.recommendations_topic)
@@ -226,7 +255,10 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
             "faust_empty_agent_events_per_s": round(floor, 1),
             "faust_empty_agent_ratio": round(floor / passthrough, 3),
             "worker_to_empty_agent": round(worker_eps / floor, 3),
+            # per process count: events/s between the 10% and 90% of the lists (steady_rate), and
+            # first to last list (the start of a group holds a rebalance)
             "workers": None if not workers else {str(c): round(r, 1) for c, r in per_count.items()},
+            "workers_first_to_last": None if not workers else {str(c): round(r, 1) for c, r in full_span.items()},
             "scaling": None if len(per_count) < 2 else round(per_count[max(per_count)] / per_count[1], 3),
             "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
             "offered_events_per_s": round(rate, 1),

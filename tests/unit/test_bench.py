@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from models.artifacts import Artifact
@@ -68,3 +69,18 @@ def test_the_benchmarks_learned_model_is_trained_once_then_loaded_from_the_cache
     assert len(said) == 2 and said[0].startswith("training the benchmark's model once")  # train + done, once
     assert first.version == second.version and first.model.config.n_items == 300  # the whole catalogue
     assert not torch.equal(first.model.item_emb.weight[0], _artifact(300, 8).model.item_emb.weight[0])
+
+
+def test_the_steady_rate_leaves_out_a_groups_start_and_a_runs_end():
+    from pipeline.bench.e2e import steady_rate
+
+    # 1,000 lists at 1 per ms (1,000 events/s)...
+    steady = list(range(1000))
+    assert steady_rate(steady) == pytest.approx(1000, rel=0.01)
+    # ...after a start of 100 lists over 2 s and a 1 s stop (a group's second process joining),
+    # and before a slow tail of 100 over 2 s: the first-to-last rate reads 1,200 / 6 s = 200
+    start = [n * 20 for n in range(100)]
+    tail = [4000 + 1000 + n * 20 for n in range(100)]
+    run = start + [3000 + n for n in range(1000)] + tail
+    assert len(run) / ((max(run) - min(run)) / 1000) < 250
+    assert steady_rate(run) == pytest.approx(1000, rel=0.05)
