@@ -7,6 +7,7 @@ batch, flushes the producer and commits).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 from typing import Any
@@ -111,6 +112,10 @@ def run_worker(settings: Settings) -> None:
     # the event loop ~170 ms. Freezing moves it out of the collector's way.
     gc.collect()
     gc.freeze()
+    # ...and back before the interpreter's teardown: objects left frozen are never freed, and
+    # torch's triton bindings (nanobind) then print ~30 lines of "leaked ... reference counting
+    # issue" after every clean stop.
+    atexit.register(gc.unfreeze)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=handler.metrics.registry)
     log.info("worker: model %s on %s, metrics on %s:%s", handler.recommender.version,

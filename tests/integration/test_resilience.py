@@ -89,12 +89,17 @@ def test_sigterm_mid_stream_no_duplicates(stack, model_registry):
     events = _events(8000, 200, seed=32)
     recs = Watcher(stack.settings, stack.settings.recommendations_topic)
     worker = stack.start_worker()
-    producing = threading.Thread(target=_produce_paced, args=(stack.settings, events, 1000))
+    # a daemon: a failed assertion before the join must not keep pytest alive once the session's
+    # broker is stopped (the generator's flush would wait for it for ever)
+    producing = threading.Thread(target=_produce_paced, args=(stack.settings, events, 1000), daemon=True)
     producing.start()  # events still arrive for ~8 s
     recs.wait_for(1500, timeout=60)
     assert stack.stop_worker(worker) == 0
     answered = len(_drain(recs))
     producing.join()
+    # and quietly: nothing from the interpreter's teardown (objects left frozen by the worker's
+    # gc.freeze made torch's triton bindings print ~30 lines of "leaked" after every stop)
+    assert "Closing event loop" in (log := worker.log_path.read_text()) and "leaked" not in log
     assert 1500 <= answered < len(events)  # the stop came mid-stream
     worker = stack.start_worker()
     recs.wait_for(len(events), timeout=90)
@@ -303,7 +308,8 @@ def test_a_model_published_under_load_is_swapped_in_and_a_broken_one_is_refused(
     recs.wait_for(1000, timeout=60)
     sessions = sorted(sessionize(generate(SyntheticConfig(n_events=15000, seed=9))), key=lambda s: s.times[0])
     result = train(sessions, dict(embedding_dim=16, hidden_dim=24), TrainConfig(epochs=1, refit=False, seed=2))
-    producing = threading.Thread(target=_produce_paced, args=(stack.settings, events[1000:3000], 800))
+    producing = threading.Thread(target=_produce_paced, args=(stack.settings, events[1000:3000], 800),
+                                 daemon=True)  # as above: a failure must not hang the run
     producing.start()  # ~800 events/s for ~2.5 s: the swap lands between batches of a live stream
     recs.wait_for(1300, timeout=60)
     new_path = save_artifact(registry, result.model, result.vocab, {"source": "reload test"}, publish=True)
