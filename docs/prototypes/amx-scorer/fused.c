@@ -9,8 +9,8 @@
       row when its k-th exact score exceeds tau[q] plus the bfloat16 error bound, and scores the
       other rows with the float32 scorer: the result is then the float32 top-k.
    Build: gcc -O3 -march=native -mamx-tile -mamx-bf16 -shared -fPIC fused.c -o fused.so
-   Known gaps before it could ship: buffers are static (one caller thread), compaction reads up to
-   15 floats past a query's buffer with unmasked loads, no exclusions, 64-wide item vectors only. */
+   Known gaps before it could ship: buffers are static (one caller thread), no exclusions, 64-wide
+   item vectors only, k at most M. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stddef.h>
@@ -31,7 +31,7 @@ static int count_ge(const keep_t* k, float t) {
   int c = 0; __m512 tt = _mm512_set1_ps(t);
   for (int j = 0; j < k->n; j += 16) {
     __mmask16 live = k->n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (k->n - j)) - 1);
-    c += __builtin_popcount(_mm512_mask_cmp_ps_mask(live, _mm512_loadu_ps(k->v + j), tt, _CMP_GE_OQ));
+    c += __builtin_popcount(_mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, k->v + j), tt, _CMP_GE_OQ));
   }
   return c;
 }
@@ -50,8 +50,8 @@ static void compact(keep_t* k) {
   int n = 0; __m512 tt = _mm512_set1_ps(lo);
   for (int j = 0; j < k->n; j += 16) {
     __mmask16 live = k->n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (k->n - j)) - 1);
-    __mmask16 mk = _mm512_mask_cmp_ps_mask(live, _mm512_loadu_ps(k->v + j), tt, _CMP_GE_OQ);
-    __m512 v = _mm512_loadu_ps(k->v + j); __m512i ii = _mm512_loadu_si512(k->i + j);
+    __m512 v = _mm512_maskz_loadu_ps(live, k->v + j); __m512i ii = _mm512_maskz_loadu_epi32(live, k->i + j);
+    __mmask16 mk = _mm512_mask_cmp_ps_mask(live, v, tt, _CMP_GE_OQ);
     _mm512_mask_compressstoreu_ps(k->v + n, mk, v);
     _mm512_mask_compressstoreu_epi32(k->i + n, mk, ii);
     n += __builtin_popcount(mk);
