@@ -8,9 +8,12 @@
    4. tau[q]: every item that was not kept scores at most tau[q] approximately. The caller accepts a
       row when its k-th exact score exceeds tau[q] plus the bfloat16 error bound, and scores the
       other rows with the float32 scorer: the result is then the float32 top-k.
-   Build: gcc -O3 -march=native -mamx-tile -mamx-bf16 -shared -fPIC fused.c -o fused.so
-   Known gaps before it could ship: buffers are static (one caller thread), no exclusions, 64-wide
-   item vectors only, k at most M. */
+   start_thresholds (optional, before score_topk): each query's starting threshold from its chunk
+   maxima, for flat scores where many items would pass a threshold that starts at -inf.
+   Build: gcc -O3 -march=native -mamx-tile -mamx-bf16 -shared -fPIC fused.c -o fused.so -lm
+   Known gaps before it could ship: buffers are static (one caller thread; start_thresholds' holds
+   at most 4,096 chunks, 262,144 items, unchecked), no exclusions, 64-wide item vectors only, k at
+   most M. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stddef.h>
@@ -59,12 +62,71 @@ static void compact(keep_t* k) {
   k->n = n; k->thr = lo;
 }
 
+/* A starting threshold per query for score_topk: the largest value that at least M chunk maxima
+   reach (so at least M items score that much or more), lowered by one float step so that those
+   items pass score_topk's "greater than" test. Costs one more product of every item. */
+void start_thresholds(const uint16_t* Q, const uint16_t* E, const float* bias, int B, int nc, float* start)
+{
+  static float cmax[64 * 4096];  /* nc <= 4096 */
+  tilecfg saved __attribute__((aligned(64)));
+  _tile_storeconfig(&saved);
+  tilecfg cfg = {0};
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; i++) { cfg.colsb[i] = 64; cfg.rows[i] = 16; }
+  _tile_loadconfig(&cfg);
+  float buf[4][16][16] __attribute__((aligned(64)));
+  for (int c = 0; c < nc; c++) {
+    const uint16_t* Ec = E + (size_t)c * 4 * 2 * 16 * 32;
+    const float* bc = bias + (size_t)c * 64;
+    __m512 b0 = _mm512_loadu_ps(bc), b1 = _mm512_loadu_ps(bc + 16), b2 = _mm512_loadu_ps(bc + 32), b3 = _mm512_loadu_ps(bc + 48);
+    for (int qt = 0; qt < B; qt += 16) {
+      const uint16_t* A = Q + (size_t)qt * 64;
+      _tile_loadd(4, A, 128);
+      _tile_loadd(5, A + 32, 128);
+      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      _tile_loadd(6, Ec + 0 * 1024, 64); _tile_loadd(7, Ec + 0 * 1024 + 512, 64);
+      _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(0, 5, 7);
+      _tile_loadd(6, Ec + 1 * 1024, 64); _tile_loadd(7, Ec + 1 * 1024 + 512, 64);
+      _tile_dpbf16ps(1, 4, 6); _tile_dpbf16ps(1, 5, 7);
+      _tile_loadd(6, Ec + 2 * 1024, 64); _tile_loadd(7, Ec + 2 * 1024 + 512, 64);
+      _tile_dpbf16ps(2, 4, 6); _tile_dpbf16ps(2, 5, 7);
+      _tile_loadd(6, Ec + 3 * 1024, 64); _tile_loadd(7, Ec + 3 * 1024 + 512, 64);
+      _tile_dpbf16ps(3, 4, 6); _tile_dpbf16ps(3, 5, 7);
+      _tile_stored(0, buf[0], 64); _tile_stored(1, buf[1], 64); _tile_stored(2, buf[2], 64); _tile_stored(3, buf[3], 64);
+      for (int r = 0; r < 16; r++) {
+        __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_add_ps(_mm512_load_ps(buf[0][r]), b0), _mm512_add_ps(_mm512_load_ps(buf[1][r]), b1)),
+                                 _mm512_max_ps(_mm512_add_ps(_mm512_load_ps(buf[2][r]), b2), _mm512_add_ps(_mm512_load_ps(buf[3][r]), b3)));
+        cmax[(size_t)(qt + r) * nc + c] = _mm512_reduce_max_ps(m);
+      }
+    }
+  }
+  _tile_loadconfig(&saved);
+  for (int q = 0; q < B; q++) {
+    const float* cm = cmax + (size_t)q * nc;
+    if (nc <= M) { start[q] = -INFINITY; continue; }
+    float lo = INFINITY, hi = -INFINITY;
+    for (int c = 0; c < nc; c++) { lo = cm[c] < lo ? cm[c] : lo; hi = cm[c] > hi ? cm[c] : hi; }
+    for (int it = 0; it < 32; it++) {  /* invariant: at least M maxima >= lo */
+      float mid = lo + (hi - lo) * 0.5f;
+      if (!(mid > lo)) break;
+      int cnt = 0; __m512 tt = _mm512_set1_ps(mid);
+      for (int c = 0; c < nc; c += 16) {
+        __mmask16 live = nc - c >= 16 ? 0xFFFF : (__mmask16)((1u << (nc - c)) - 1);
+        cnt += __builtin_popcount(_mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, cm + c), tt, _CMP_GE_OQ));
+      }
+      if (cnt >= M) { lo = mid; if (cnt <= M + 4) break; } else hi = mid;
+    }
+    start[q] = nextafterf(lo, -INFINITY);
+  }
+}
+
 /* Q: [B][64] bf16 (B multiple of 16, <= 64); E: [nc][4][2][16][16][2] bf16; bias: [nc*64] (-inf padding);
    qf: [B][64] float queries; S: [V][65] float (item vector, bias);
    out: top_v [B][k], top_i [B][k] best first by exact float32 score; tau[B]: the approximate score at or
    above which every item outside the kept ones lies below (-inf: all items kept) */
 void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, int nc,
-                const float* qf, const float* S, int k, float* top_v, int32_t* top_i, float* tau, float* kth)
+                const float* qf, const float* S, int k, float* top_v, int32_t* top_i, float* tau, float* kth,
+                const float* start)
 {
   tilecfg saved __attribute__((aligned(64)));
   _tile_storeconfig(&saved);
@@ -74,7 +136,7 @@ void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, 
   _tile_loadconfig(&cfg);
   float buf[4][16][16] __attribute__((aligned(64)));
   static keep_t keep[64];
-  for (int q = 0; q < B; q++) { keep[q].n = 0; keep[q].thr = -INFINITY; keep[q].overflow = 0; }
+  for (int q = 0; q < B; q++) { keep[q].n = 0; keep[q].thr = start ? start[q] : -INFINITY; keep[q].overflow = 0; }
   for (int c = 0; c < nc; c++) {
     const uint16_t* Ec = E + (size_t)c * 4 * 2 * 16 * 32;
     const float* bc = bias + (size_t)c * 64;
