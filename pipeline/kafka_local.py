@@ -29,6 +29,18 @@ POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
 HINT = "or point recur at an existing broker: RECUR_BOOTSTRAP=host:port (e.g. after `docker compose up kafka`)"
 
 
+def _bindable(port: int) -> bool:
+    """Whether a listener could bind `port` on 127.0.0.1 now, as the broker's would (with
+    SO_REUSEADDR, so that connections of a broker stopped a moment ago do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 class LocalKafka:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -227,6 +239,9 @@ class LocalKafka:
             return f"kafka already running at {self.bootstrap} (pid {self.pid()})"
         if self.pid() is None and self._port_open():
             raise BrokerError(f"kafka: port {self.port} is taken by another process; set RECUR_KAFKA_PORT, {HINT}")
+        if self.pid() is None and not _bindable(self.controller_port):
+            raise BrokerError(f"kafka: port {self.controller_port} (the controller's, RECUR_KAFKA_PORT + 1) is taken "
+                              f"by another process; set RECUR_KAFKA_PORT, {HINT}")
         self.ensure_jars()
         props = self._write_config()
         self._format(props)

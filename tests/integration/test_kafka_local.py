@@ -17,7 +17,7 @@ def test_a_cluster_id_that_begins_with_a_dash_formats_and_starts(local_broker, t
         pytest.skip("RECUR_BOOTSTRAP names an external broker; this test starts a local one")
     cid = "-" + kafka_local.new_cluster_id()[1:]  # 1 in 64 random ids; the storage tool read it as an option
     monkeypatch.setattr(kafka_local, "new_cluster_id", lambda: cid)
-    port = worker_process.free_port()
+    port = worker_process.free_ports(2)  # the client port and the controller's, port + 1
     settings = load_settings({k: v for k, v in os.environ.items() if k == "RECUR_CACHE_DIR"},
                              {"var_dir": str(tmp_path), "kafka_port": port, "kafka_heap": "256m"})
     broker = kafka_local.LocalKafka(settings)

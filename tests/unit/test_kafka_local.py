@@ -28,3 +28,25 @@ def test_cluster_ids_are_kafka_sized_and_url_safe():
     ids = {new_cluster_id() for _ in range(2000)}
     assert len(ids) == 2000 and all(len(i) == 22 and "=" not in i and "/" not in i and "+" not in i for i in ids)
     assert any(i.startswith("-") for i in ids)  # 1 in 64: why the storage tool gets --cluster-id=<id>
+
+
+def test_a_taken_controller_port_is_named_before_the_broker_is_started(tmp_path):
+    # the broker binds port + 1 for its controller; taken, it used to exit with only "code 1; see server.log"
+    import socket
+
+    import pytest
+
+    from models.errors import BrokerError
+    from pipeline.config import load_settings
+    from pipeline.kafka_local import LocalKafka
+    from pipeline.worker_process import free_ports
+
+    port = free_ports(2)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port + 1))
+        holder.listen()
+        broker = LocalKafka(load_settings({}, {"var_dir": str(tmp_path), "kafka_port": port}))
+        with pytest.raises(BrokerError) as err:
+            broker.start()
+    assert str(err.value).startswith(f"kafka: port {port + 1} (the controller's, RECUR_KAFKA_PORT + 1) is taken")
+    assert broker.pid() is None and not (broker.home / "kafka.out").exists()  # nothing was started
