@@ -25,6 +25,32 @@
 typedef struct { uint8_t palette_id; uint8_t start_row; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } __attribute__((packed)) tilecfg;
 int amx_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
 
+/* AMX on for this thread: the caller's tile configuration kept in `saved`, restored by
+   _tile_loadconfig(saved) (a saved palette 0 releases the tiles) */
+static inline void tiles_on(tilecfg* saved) {
+  _tile_storeconfig(saved);
+  tilecfg cfg = {0};
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; i++) { cfg.colsb[i] = 64; cfg.rows[i] = 16; }
+  _tile_loadconfig(&cfg);
+}
+
+/* 16 queries A ([16][64] bf16) x one chunk of 64 items Ec -> buf[tile][query][item], float32 */
+static inline void product_64(const uint16_t* A, const uint16_t* Ec, float buf[4][16][16]) {
+  _tile_loadd(4, A, 128);
+  _tile_loadd(5, A + 32, 128);
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  _tile_loadd(6, Ec + 0 * 1024, 64); _tile_loadd(7, Ec + 0 * 1024 + 512, 64);
+  _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(0, 5, 7);
+  _tile_loadd(6, Ec + 1 * 1024, 64); _tile_loadd(7, Ec + 1 * 1024 + 512, 64);
+  _tile_dpbf16ps(1, 4, 6); _tile_dpbf16ps(1, 5, 7);
+  _tile_loadd(6, Ec + 2 * 1024, 64); _tile_loadd(7, Ec + 2 * 1024 + 512, 64);
+  _tile_dpbf16ps(2, 4, 6); _tile_dpbf16ps(2, 5, 7);
+  _tile_loadd(6, Ec + 3 * 1024, 64); _tile_loadd(7, Ec + 3 * 1024 + 512, 64);
+  _tile_dpbf16ps(3, 4, 6); _tile_dpbf16ps(3, 5, 7);
+  _tile_stored(0, buf[0], 64); _tile_stored(1, buf[1], 64); _tile_stored(2, buf[2], 64); _tile_stored(3, buf[3], 64);
+}
+
 #define M 48
 #define CAP 256
 #define SOFT (M + 48)
@@ -69,30 +95,14 @@ void start_thresholds(const uint16_t* Q, const uint16_t* E, const float* bias, i
 {
   static float cmax[64 * 4096];  /* nc <= 4096 */
   tilecfg saved __attribute__((aligned(64)));
-  _tile_storeconfig(&saved);
-  tilecfg cfg = {0};
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; i++) { cfg.colsb[i] = 64; cfg.rows[i] = 16; }
-  _tile_loadconfig(&cfg);
+  tiles_on(&saved);
   float buf[4][16][16] __attribute__((aligned(64)));
   for (int c = 0; c < nc; c++) {
     const uint16_t* Ec = E + (size_t)c * 4 * 2 * 16 * 32;
     const float* bc = bias + (size_t)c * 64;
     __m512 b0 = _mm512_loadu_ps(bc), b1 = _mm512_loadu_ps(bc + 16), b2 = _mm512_loadu_ps(bc + 32), b3 = _mm512_loadu_ps(bc + 48);
     for (int qt = 0; qt < B; qt += 16) {
-      const uint16_t* A = Q + (size_t)qt * 64;
-      _tile_loadd(4, A, 128);
-      _tile_loadd(5, A + 32, 128);
-      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-      _tile_loadd(6, Ec + 0 * 1024, 64); _tile_loadd(7, Ec + 0 * 1024 + 512, 64);
-      _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(0, 5, 7);
-      _tile_loadd(6, Ec + 1 * 1024, 64); _tile_loadd(7, Ec + 1 * 1024 + 512, 64);
-      _tile_dpbf16ps(1, 4, 6); _tile_dpbf16ps(1, 5, 7);
-      _tile_loadd(6, Ec + 2 * 1024, 64); _tile_loadd(7, Ec + 2 * 1024 + 512, 64);
-      _tile_dpbf16ps(2, 4, 6); _tile_dpbf16ps(2, 5, 7);
-      _tile_loadd(6, Ec + 3 * 1024, 64); _tile_loadd(7, Ec + 3 * 1024 + 512, 64);
-      _tile_dpbf16ps(3, 4, 6); _tile_dpbf16ps(3, 5, 7);
-      _tile_stored(0, buf[0], 64); _tile_stored(1, buf[1], 64); _tile_stored(2, buf[2], 64); _tile_stored(3, buf[3], 64);
+      product_64(Q + (size_t)qt * 64, Ec, buf);
       for (int r = 0; r < 16; r++) {
         __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_add_ps(_mm512_load_ps(buf[0][r]), b0), _mm512_add_ps(_mm512_load_ps(buf[1][r]), b1)),
                                  _mm512_max_ps(_mm512_add_ps(_mm512_load_ps(buf[2][r]), b2), _mm512_add_ps(_mm512_load_ps(buf[3][r]), b3)));
@@ -129,11 +139,7 @@ void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, 
                 const float* start)
 {
   tilecfg saved __attribute__((aligned(64)));
-  _tile_storeconfig(&saved);
-  tilecfg cfg = {0};
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; i++) { cfg.colsb[i] = 64; cfg.rows[i] = 16; }
-  _tile_loadconfig(&cfg);
+  tiles_on(&saved);
   float buf[4][16][16] __attribute__((aligned(64)));
   static keep_t keep[64];
   for (int q = 0; q < B; q++) { keep[q].n = 0; keep[q].thr = start ? start[q] : -INFINITY; keep[q].overflow = 0; }
@@ -142,19 +148,7 @@ void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, 
     const float* bc = bias + (size_t)c * 64;
     __m512 bb[4] = {_mm512_loadu_ps(bc), _mm512_loadu_ps(bc + 16), _mm512_loadu_ps(bc + 32), _mm512_loadu_ps(bc + 48)};
     for (int qt = 0; qt < B; qt += 16) {
-      const uint16_t* A = Q + (size_t)qt * 64;
-      _tile_loadd(4, A, 128);
-      _tile_loadd(5, A + 32, 128);
-      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-      _tile_loadd(6, Ec + 0 * 1024, 64); _tile_loadd(7, Ec + 0 * 1024 + 512, 64);
-      _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(0, 5, 7);
-      _tile_loadd(6, Ec + 1 * 1024, 64); _tile_loadd(7, Ec + 1 * 1024 + 512, 64);
-      _tile_dpbf16ps(1, 4, 6); _tile_dpbf16ps(1, 5, 7);
-      _tile_loadd(6, Ec + 2 * 1024, 64); _tile_loadd(7, Ec + 2 * 1024 + 512, 64);
-      _tile_dpbf16ps(2, 4, 6); _tile_dpbf16ps(2, 5, 7);
-      _tile_loadd(6, Ec + 3 * 1024, 64); _tile_loadd(7, Ec + 3 * 1024 + 512, 64);
-      _tile_dpbf16ps(3, 4, 6); _tile_dpbf16ps(3, 5, 7);
-      _tile_stored(0, buf[0], 64); _tile_stored(1, buf[1], 64); _tile_stored(2, buf[2], 64); _tile_stored(3, buf[3], 64);
+      product_64(Q + (size_t)qt * 64, Ec, buf);
       for (int r = 0; r < 16; r++) {
         keep_t* kp = &keep[qt + r];
         __m512 t = _mm512_set1_ps(kp->thr);
