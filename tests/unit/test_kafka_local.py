@@ -1,4 +1,11 @@
-from pipeline.kafka_local import error_lines, new_cluster_id
+import socket
+
+import pytest
+
+from models.errors import BrokerError
+from pipeline.config import load_settings
+from pipeline.kafka_local import LocalKafka, error_lines, new_cluster_id
+from pipeline.worker_process import free_ports
 
 STORAGE_TOOL_USAGE_ERROR = """log4j:WARN No appenders could be found for logger (kafka.utils.Log4jControllerRegistration$).
 log4j:WARN Please initialize the log4j system properly.
@@ -32,15 +39,6 @@ def test_cluster_ids_are_kafka_sized_and_url_safe():
 
 def test_a_taken_controller_port_is_named_before_the_broker_is_started(tmp_path):
     # the broker binds port + 1 for its controller; taken, it used to exit with only "code 1; see server.log"
-    import socket
-
-    import pytest
-
-    from models.errors import BrokerError
-    from pipeline.config import load_settings
-    from pipeline.kafka_local import LocalKafka
-    from pipeline.worker_process import free_ports
-
     port = free_ports(2)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", port + 1))
