@@ -29,6 +29,7 @@ class Streams:
     dlq: faust.TopicT
     state: faust.types.TableT
     forget: faust.TopicT  # erasure requests, keyed and partitioned as the events
+    restore_threshold: bulk_restore.Threshold  # lowered after a stalled recovery (pipeline/recovery_watch.py)
 
 
 def changelog_config(settings: Settings) -> dict[str, str]:
@@ -89,8 +90,9 @@ def create_app(settings: Settings) -> Streams:
         # every state ever written (2 records per user after 2 events each; more with every event)
         extra_topic_configs=changelog_config(settings),
     )
+    threshold = bulk_restore.Threshold(settings.bulk_restore_min_records)
     if settings.bulk_restore and settings.store == "rocksdb":  # faust's recovery reads only what is left
-        restore_before_recovery(app, functools.partial(bulk_restore.restore, settings, state))
+        restore_before_recovery(app, functools.partial(bulk_restore.restore, settings, threshold, state))
     hold_flow_until_seek(app)
     set_producer_buffer(app, max(1000, settings.max_batch * 4))
-    return Streams(app, events, recs, dlq, state, forget)
+    return Streams(app, events, recs, dlq, state, forget, threshold)

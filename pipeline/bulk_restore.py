@@ -7,14 +7,16 @@ users. Before that, this module reads them with one plain consumer and writes th
 RocksDB write batch per fetched chunk, the partition's changelog offset in the same batch, so a
 crash or a rebalance mid-restore leaves every partition's store consistent with its offset. Faust
 then reads on from there (the records written meanwhile). Partitions with fewer than
-`bulk_restore_min_records` records to read are left to faust. Hooked into faust's recovery by
-`faust_internals.restore_before_recovery`.
+`bulk_restore_min_records` records to read are left to faust, until a recovery of this worker
+stalled (`pipeline/recovery_watch.py`): from then on every partition with records to read is read
+here. Hooked into faust's recovery by `faust_internals.restore_before_recovery`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -32,6 +34,18 @@ STALL_S = 30.0  # no record for this long: leave the rest to faust
 PROGRESS_S = 10.0  # a progress line this often during a long restore
 
 
+@dataclass
+class Threshold:
+    """The records a partition must have left to read for the bulk restore to take it."""
+
+    min_records: int
+
+    def lower(self) -> None:
+        """After a stalled recovery: take every partition that has records to read, so that they
+        are read by this module's own consumer instead of the one faust's recovery waited on."""
+        self.min_records = 1
+
+
 def plan(tps: set[TP], offsets: dict[TP, int | None], highwaters: dict[TP, int],
          min_records: int) -> dict[TP, tuple[int, int]]:
     """{tp: (first offset to read, last offset to read)} for the partitions worth a bulk read."""
@@ -47,13 +61,13 @@ def plan(tps: set[TP], offsets: dict[TP, int | None], highwaters: dict[TP, int],
     return todo
 
 
-async def restore(settings: Settings, table: TableT, recovery: Any, tps: set[TP],
+async def restore(settings: Settings, threshold: Threshold, table: TableT, recovery: Any, tps: set[TP],
                   offsets: dict[TP, int | None], highwaters: dict[TP, int]) -> int:
     """Read the planned partitions' records up to faust's highwaters into the store and move
     `offsets` on. -> records written."""
     if not internals.raw_rocksdb(table):
         return 0
-    todo = plan(tps, offsets, highwaters, settings.bulk_restore_min_records)
+    todo = plan(tps, offsets, highwaters, threshold.min_records)
     if not todo:
         return 0
     started = time.monotonic()
@@ -116,6 +130,7 @@ async def _copy(consumer: AIOKafkaConsumer, table: TableT, recovery: Any, parts:
         for part in list(pending):
             if await consumer.position(part) > todo[parts[part]][1]:
                 pending.discard(part)
+                _read_through(table, parts[part], todo[parts[part]][1], offsets)
         if pending and time.monotonic() - last_said > PROGRESS_S:
             last_said = time.monotonic()
             log.info("restore: %d of about %d changelog records written", written, total)
@@ -123,3 +138,21 @@ async def _copy(consumer: AIOKafkaConsumer, table: TableT, recovery: Any, parts:
             log.warning("restore: no changelog records for %.0f s; faust's recovery reads the rest", STALL_S)
             break
     return written
+
+
+def _read_through(table: TableT, tp: TP, last: int, offsets: dict[TP, int | None]) -> None:
+    """The consumer is past `last`: every record up to it is in the store. Where the partition's
+    last offsets hold no record (a transaction's commit marker, records compacted away), the
+    store's offset moves on to `last` as well; faust's recovery would otherwise wait for records
+    at those offsets, which no consumer is ever given."""
+    stored = offsets.get(tp)
+    if stored is not None and stored >= last:
+        return
+    from rocksdict import WriteBatch
+
+    batch = WriteBatch(raw_mode=True)
+    batch.put(*internals.persisted_offset_entry(table, last))
+    internals.partition_db(table, tp.partition).write(batch)
+    log.info("restore: partition %d read through offset %d (offsets %d..%d hold no record)", tp.partition, last,
+             (stored if stored is not None else -1) + 1, last)
+    offsets[tp] = last

@@ -59,6 +59,7 @@ class Settings:
     standby_replicas: int = 0  # faust standby copies of each table partition on other workers (faster take-over)
     bulk_restore: bool = True  # restore the state changelog in bulk, before faust's per-record recovery
     bulk_restore_min_records: int = 5000  # ... when a partition has at least this many records to read
+    recovery_stall_seconds: float = 30.0  # restart a restore that read no changelog record for this long; 0 = never
     commit_interval: float = 2.8  # seconds between commits of processed input offsets (faust's default)
     max_batch: int = 1024  # events per batched step at most
     max_wait: float = 0.015  # seconds to wait for more events once one is there (a backlog is taken at once)
@@ -185,6 +186,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: changelog_segment_ms must be >= 1000 and changelog_segment_bytes >= 1048576")
     if s.standby_replicas < 0:
         raise ConfigError("config: standby_replicas must be >= 0")
+    if s.recovery_stall_seconds < 0:
+        raise ConfigError("config: recovery_stall_seconds must be >= 0 (0 = never restart a stalled restore)")
     if s.bulk_restore_min_records < 1:
         raise ConfigError("config: bulk_restore_min_records must be >= 1")
     if s.commit_interval <= 0:

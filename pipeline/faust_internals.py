@@ -142,6 +142,25 @@ def recovery_cancelled(recovery: Recovery, tp: TP) -> bool:
     return recovery.signal_recovery_start.is_set() or tp not in recovery.active_tps or recovery.should_stop
 
 
+
+def recovery_of(app: faust.App) -> Recovery:
+    """The app's table recovery service. Relies on: `app.tables.recovery`."""
+    return app.tables.recovery
+
+
+def recovery_progress(recovery: Recovery) -> tuple[bool, int]:
+    """(whether the worker is restoring tables, changelog records its active partitions still have
+    to read). Relies on: `in_recovery` and `active_remaining_total()` (the highwaters faust read
+    less the offsets it has applied)."""
+    return bool(recovery.in_recovery), int(recovery.active_remaining_total())
+
+
+def restart_recovery(recovery: Recovery) -> None:
+    """Make faust's recovery start over, as a new rebalance does: its waits end with RebalanceAgain
+    and its loop reads highwaters and offsets again and seeks the changelogs back. Relies on:
+    `signal_recovery_start` (what `Recovery.on_rebalance` sets and `_restart_recovery` waits for)."""
+    recovery.signal_recovery_start.set()
+
 def kafka_producer(app: faust.App):  # noqa: ANN201 - aiokafka's AIOKafkaProducer
     """The aiokafka producer under faust's (for its batch API, `pipeline/producing.py`); the
     same one faust flushes before it commits. Relies on: `Producer._ensure_producer()`."""

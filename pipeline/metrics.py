@@ -29,6 +29,7 @@ class Metrics:
         self.rewarmed = Counter("recur_users_rewarmed_total", "Users whose state was rebuilt for a new model", registry=registry)
         self.known_items = Gauge("recur_model_known_items_ratio", "Share of recent events (since the live model went live) whose item it knows", registry=registry)
         self.model_load_failures = Counter("recur_model_load_failures_total", "New model versions that failed their checks", registry=registry)
+        self.recovery_restarts = Counter("recur_recovery_restarts_total", "Table restores started again after no changelog record arrived for recovery_stall_seconds", registry=registry)
         self.lag = Gauge("recur_consumer_lag_events", "Events in the partition not yet processed, by partition", ["partition"], registry=registry)
         self.snapshot_rows = Counter("recur_snapshot_rows_total", "Parquet rows written to snapshots", registry=registry)
         self.snapshot_bytes = Counter("recur_snapshot_bytes_total", "Parquet bytes written to snapshots", registry=registry)

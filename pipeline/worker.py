@@ -26,6 +26,7 @@ from pipeline.forget import Forgetter, register_forget
 from pipeline.handler import BatchHandler
 from pipeline.metrics import Metrics
 from pipeline.model_watch import register_model_watch
+from pipeline.recovery_watch import RecoveryWatch
 from pipeline.snapshot_tools import recent_items
 from pipeline.snapshots import SnapshotConsumer
 
@@ -90,14 +91,27 @@ def _rebuild_trending(recommender: OnlineRecommender, settings: Settings) -> Non
 class RecurWorker(faust.Worker):
     """faust.Worker that stops the snapshot consumer (final write and commit) before the app."""
 
-    def __init__(self, app: faust.App, snapshots: SnapshotConsumer | None, **kwargs: Any) -> None:
+    def __init__(self, app: faust.App, snapshots: SnapshotConsumer | None, *services: Any, **kwargs: Any) -> None:
         self.snapshots = snapshots
-        super().__init__(app, **kwargs)
+        super().__init__(app, *services, **kwargs)
 
     async def on_stop(self) -> None:
         if self.snapshots is not None:
             await self.snapshots.stop()
         await super().on_stop()
+
+
+def recovery_watch(streams: Streams, metrics: Metrics, settings: Settings) -> RecoveryWatch | None:
+    """The watch that starts a stalled table restore again (None when turned off); each restart
+    is counted, and what is left is then read by the bulk restore."""
+    if settings.recovery_stall_seconds <= 0:
+        return None
+
+    def restarted() -> None:
+        metrics.recovery_restarts.inc()
+        streams.restore_threshold.lower()
+
+    return RecoveryWatch(streams.app, settings.recovery_stall_seconds, restarted, loop=streams.app.loop)
 
 
 def run_worker(settings: Settings) -> None:
@@ -120,5 +134,7 @@ def run_worker(settings: Settings) -> None:
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=handler.metrics.registry)
     log.info("worker: model %s on %s, metrics on %s:%s", handler.recommender.version,
              handler.recommender.device, settings.metrics_host, settings.metrics_port or "off")
-    worker = RecurWorker(streams.app, snapshots, loglevel=settings.log_level.upper(), quiet=True)
+    watch = recovery_watch(streams, handler.metrics, settings)
+    worker = RecurWorker(streams.app, snapshots, *([watch] if watch else []), loglevel=settings.log_level.upper(),
+                         quiet=True)
     worker.execute_from_commandline()

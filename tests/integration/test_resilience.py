@@ -269,6 +269,67 @@ def test_state_is_restored_in_bulk_from_the_changelog_onto_an_empty_disk(stack, 
     _assert_states_match_replay(stack, model_registry, events)
 
 
+
+def _end_partition_with_a_commit_marker(settings, partition: int) -> int:
+    """Write a state record of the changelog partition again, in a transaction: the partition's
+    last offset is then the transaction's commit marker, which no consumer is given (faust's
+    recovery waits for it). -> the partition's highwater (its last offset)."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    topic = f"{settings.app_id}-user-state-changelog"
+    part = TopicPartition(topic, partition)
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False)
+    consumer.assign([part])
+    consumer.seek_to_beginning(part)
+    records = []
+    while not records or consumer.position(part) < consumer.end_offsets([part])[part]:
+        records += consumer.poll(2000).get(part, [])
+    consumer.close()
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, transactional_id=f"{settings.app_id}-test")
+    producer.init_transactions()
+    producer.begin_transaction()
+    producer.send(topic, key=records[-1].key, value=records[-1].value, partition=partition)
+    producer.commit_transaction()
+    producer.close()
+    return records[-1].offset + 2  # the record written again, then the marker
+
+
+def test_a_restore_that_waits_for_records_no_consumer_is_given_is_started_again(stack, model_registry):
+    """Faust's recovery waits, with no timeout, for every changelog offset up to the highwater; a
+    commit marker at the end of a partition is one it never gets (in CI a lost record did the
+    same: the worker never served again). The watch starts the recovery again after
+    RECUR_RECOVERY_STALL_SECONDS, the bulk restore reads past the marker, the worker serves."""
+    events = _events(1000, 50, seed=39)
+    first, later = events[:-50], events[-50:]
+    env = {"RECUR_EXCLUDE_PURCHASED": "false", "RECUR_USERS_COUNT_INTERVAL": "0.5",
+           "RECUR_RECOVERY_STALL_SECONDS": "3"}
+    produce_events(stack.settings, first)
+    recs = Watcher(stack.settings, stack.settings.recommendations_topic)
+    worker = stack.start_worker(**env)
+    recs.wait_for_events({e.event_id for e in first}, timeout=60)
+    assert stack.stop_worker(worker) == 0
+    marker = _end_partition_with_a_commit_marker(stack.settings, 0)
+    shutil.rmtree(stack.workdir / "var-w")  # restored from the changelog: faust's own recovery (few records)
+    worker = stack.start_worker(**env)  # ready only once the recovery has finished
+    restarts = metric(scrape(worker), "recur_recovery_restarts_total")
+    users = wait_for_metric(worker, "recur_users_in_state", lambda n: n == 50)
+    produce_events(stack.settings, later)
+    recs.wait_for_events({e.event_id for e in events}, timeout=60)
+    assert stack.stop_worker(worker) == 0
+    values = {r["event_id"]: r for r in recs.values()}
+    recs.close()
+    log = worker.log_path.read_text()
+    waits = _restore_tables(log)
+    assert waits[0][0][0] == marker and waits[0][1][0] == -1, waits[0]  # faust's recovery read partition 0 from the start
+    assert restarts >= 1 and "starting the recovery again" in log
+    assert f"restore: partition 0 read through offset {marker} (offsets {marker}..{marker} hold no record)" in log
+    assert users == 50  # every user's state is back
+    expected = expected_lists(load_artifact(model_registry), events)
+    got = {e.event_id: [i["item_id"] for i in values[e.event_id]["items"]] for e in later}
+    assert [i for i in got if got[i] != expected[i]] == []  # lists follow the restored states
+    print(f"stalled restore: partition 0's highwater {marker} is a commit marker; restarts {restarts:.0f}")
+    _assert_states_match_replay(stack, model_registry, events)
+
 def test_broker_restart_mid_stream(stack, local_broker):
     if local_broker is None:
         pytest.skip("RECUR_BOOTSTRAP names an external broker; this test restarts the local one")

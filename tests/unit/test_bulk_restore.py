@@ -84,3 +84,34 @@ def test_a_copy_stops_at_a_new_rebalance_with_the_store_consistent_with_its_offs
                                              {tp: (0, 9)}, offsets))
     assert written == 3 and offsets[tp] == 2 and table.data.persisted_offset(tp) == 2
     assert internals.partition_db(table, 0).get(b"u3") is None
+
+
+def test_a_partition_that_ends_in_offsets_with_no_record_is_restored_up_to_its_highwater(streams):
+    """Its last offset is a transaction's commit marker: no consumer is given a record there, so
+    the store's offset moves to the highwater once the consumer is past it (faust's recovery
+    waited for offset 3 for good)."""
+    table = streams.state
+    changelog = table.changelog_topic.get_topic_name()
+    tp, part = TP(changelog, 2), TopicPartition(changelog, 2)
+    records = [_record(0, b"a", b"a1"), _record(1, b"b", b"b1"), _record(2, b"a", b"a2")]
+
+    class PastTheMarker(Consumer):
+        async def position(self, part):
+            return 4 if self.pos == len(self.records) else self.records[self.pos].offset
+
+    recovery = SimpleNamespace(signal_recovery_start=asyncio.Event(), active_tps={tp}, should_stop=False)
+    offsets: Counter = Counter({tp: -1})
+    written = asyncio.run(bulk_restore._copy(PastTheMarker(part, records, chunk=2), table, recovery, {part: tp},
+                                             {tp: (0, 3)}, offsets))
+    assert written == 3 and offsets[tp] == 3 and table.data.persisted_offset(tp) == 3
+    assert internals.partition_db(table, 2).get(b"a") == b"a2"
+
+
+def test_a_lowered_threshold_plans_every_partition_with_a_record_to_read():
+    tps = {TP("c", 0), TP("c", 1), TP("c", 2)}
+    offsets = {TP("c", 0): -1, TP("c", 1): 16, TP("c", 2): 7}
+    highwaters = {TP("c", 0): 16, TP("c", 1): 16, TP("c", 2): 9}
+    threshold = bulk_restore.Threshold(5000)
+    assert bulk_restore.plan(tps, offsets, highwaters, threshold.min_records) == {}
+    threshold.lower()
+    assert bulk_restore.plan(tps, offsets, highwaters, threshold.min_records) == {TP("c", 0): (0, 16), TP("c", 2): (8, 9)}

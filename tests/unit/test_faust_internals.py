@@ -249,3 +249,36 @@ def test_faust_keeps_its_aiokafka_producer_where_kafka_producer_finds_it(streams
     # the batch API pipeline/producing.py uses, and flush() waiting on batches added through it
     assert {"create_batch", "send_batch", "partitions_for"} <= set(dir(made))
     assert "self._pending_batches" in inspect.getsource(type(made._message_accumulator).flush)
+
+
+def test_recovery_progress_is_the_highwaters_less_the_applied_offsets_while_restoring(streams):
+    from collections import Counter
+
+    recovery = internals.recovery_of(streams.app)
+    assert recovery is streams.app.tables.recovery
+    changelog = streams.state.changelog_topic.get_topic_name()
+    recovery.active_highwaters = Counter({TP(changelog, 0): 16, TP(changelog, 1): 6})
+    recovery.active_offsets = Counter({TP(changelog, 0): -1, TP(changelog, 1): 6})
+    assert internals.recovery_progress(recovery) == (False, 17)
+    recovery._set_recovery_started()
+    assert internals.recovery_progress(recovery) == (True, 17)
+    recovery.active_offsets[TP(changelog, 0)] = 16
+    assert internals.recovery_progress(recovery) == (True, 0)
+
+
+def test_a_restarted_recovery_ends_its_wait_for_changelog_records_as_a_new_rebalance_does(streams):
+    from faust.tables.recovery import RebalanceAgain
+
+    recovery = internals.recovery_of(streams.app)
+
+    async def wait_for_records_that_never_come():
+        never = asyncio.Event()  # what `signal_recovery_end.wait()` is, when the records are lost
+        waiting = asyncio.ensure_future(recovery._wait(never.wait()))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        internals.restart_recovery(recovery)
+        with pytest.raises(RebalanceAgain):  # _restart_recovery's loop then starts over
+            await asyncio.wait_for(waiting, 5)
+
+    recovery.loop.run_until_complete(wait_for_records_that_never_come())  # the service's own loop
+    assert "except RebalanceAgain" in inspect.getsource(type(recovery)._restart_recovery.fun)
