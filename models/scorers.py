@@ -3,6 +3,10 @@
     exact  every item scored (one GEMM per block of queries) and an exact top-k; blocks are sized
            for the CPU's cache, or on a GPU to a memory budget, so that a batch of 4,096 against
            1,000,000 items never allocates a 16 GB score matrix
+    bf16   exact's results, with the product in bfloat16 (AVX-512 BF16) fused with the top-k, the
+           kept items scored again in float32 and a proof that no item left out belongs in the k
+           best (`models/bf16.py`); `auto` picks it over exact on a CPU that has AVX-512 BF16 and
+           a C compiler
     ann    approximate maximum-inner-product search (faiss IVF, the items lifted onto a sphere) over
            the model's item embeddings and biases, then exact re-scoring of the candidates with the
            model's own weights
@@ -19,6 +23,7 @@ is answered exactly.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -37,8 +42,9 @@ from models.topk import top_k
 if TYPE_CHECKING:
     from models.lstm import RecurrentRecommender
 
+log = logging.getLogger(__name__)
 Exclude = Sequence[Sequence[int]]  # per query row: item indices that must not be recommended
-SCORERS = ("auto", "exact", "ann")
+SCORERS = ("auto", "exact", "bf16", "ann")
 # the fewest IVF lists searched by default: on yoochoose-100k (2,873 items, 73 lists) the scaled-cosine
 # model lost 0.0125 Recall@20 against exact at 24 lists, 0.0029 at 48 (docs/performance.md)
 ANN_MIN_PROBE = 48
@@ -73,7 +79,7 @@ class Scorer(Protocol):
 
 @dataclass
 class ScorerConfig:
-    kind: str = "auto"  # auto, exact or ann
+    kind: str = "auto"  # auto, exact, bf16 or ann
     ann_min_items: int = 200_000  # auto picks ann on a CPU from this many items (docs/performance.md)
     ann_lists: int = 0  # IVF lists; 0 = 4 * sqrt(items), at least 1
     ann_probe: int = 0  # lists searched per query; 0 = lists / 64, at least ANN_MIN_PROBE
@@ -81,6 +87,7 @@ class ScorerConfig:
     score_memory_mb: int = 0  # exact scoring on a GPU: memory for one block of scores; 0 = auto_block_bytes
     gpu_tf32: bool = False  # exact scoring on a GPU: candidates by a TF32 product, re-scored in float32
     threads: int = 0  # faiss threads; 0 = its default (all cores)
+    native_dir: str = ""  # where the bf16 kernel is compiled; empty = no bf16
 
     def __post_init__(self) -> None:
         if self.kind not in SCORERS:
@@ -327,10 +334,21 @@ class AnnScorer:
 
 
 def choose(config: ScorerConfig, device: torch.device, n_items: int) -> str:
-    """'auto' -> ann on a CPU from `ann_min_items` items, exact otherwise."""
+    """'auto' -> ann on a CPU from `ann_min_items` items, else bf16 on a CPU where it can be built
+    (`bf16_or_why`), exact otherwise."""
     if config.kind != "auto":
         return config.kind
-    return "ann" if device.type == "cpu" and n_items >= config.ann_min_items else "exact"
+    if device.type != "cpu":
+        return "exact"
+    if n_items >= config.ann_min_items:
+        return "ann"
+    return "bf16" if not isinstance(bf16_or_why(config), str) else "exact"
+
+
+def bf16_or_why(config: ScorerConfig):  # noqa: ANN201 - the loaded kernel (ctypes.CDLL) or why not (str)
+    from models import bf16
+
+    return bf16.load(Path(config.native_dir).expanduser()) if config.native_dir else "no folder for the kernel"
 
 
 INDEX_FILE = "ann-index.faiss"  # beside a model artifact's files: its ann index, optional
@@ -340,6 +358,17 @@ def build_scorer(model: RecurrentRecommender, config: ScorerConfig, device: torc
                  artifact_dir: Path | None = None, weights_sha256: str = "") -> Scorer:
     """The configured scorer for `model` (which must be on `device`); ann reads the index stored
     with the artifact (`artifact_dir`/INDEX_FILE) when it fits these weights, else builds it here."""
-    if choose(config, torch.device(device), model.config.n_items) == "ann":
+    kind = choose(config, torch.device(device), model.config.n_items)
+    if kind == "ann":
         return AnnScorer(model, config, artifact_dir / INDEX_FILE if artifact_dir else None, weights_sha256)
-    return ExactScorer(config.score_memory_mb, tf32=config.gpu_tf32 and torch.device(device).type == "cuda")
+    exact = ExactScorer(config.score_memory_mb, tf32=config.gpu_tf32 and torch.device(device).type == "cuda")
+    if kind == "bf16":
+        from models.bf16 import Bf16Scorer
+
+        lib = bf16_or_why(config)
+        if isinstance(lib, str):
+            raise ConfigError(f"config: scorer bf16 is not available here: {lib}")
+        return Bf16Scorer(lib, exact, model)
+    if config.kind == "auto" and torch.device(device).type == "cpu":
+        log.info("scorer: exact, not bf16: %s", bf16_or_why(config))
+    return exact

@@ -67,7 +67,7 @@ class Settings:
     fetch_max_wait: float = 0.02  # seconds the broker may hold a fetch that has no new data for
     torch_threads: int = 1  # the model's CPU threads in the worker; 0 = torch's default (all cores)
     omp_wait_policy: str = "passive"  # the worker's OpenMP threads sleep between parallel regions; "" = OpenMP's default
-    scorer: str = "auto"  # top-k: exact, ann (approximate, faiss), or auto (ann on a CPU from ann_min_items)
+    scorer: str = "auto"  # top-k: exact, bf16 (exact results, bfloat16 product), ann (approximate, faiss), or auto (ann on a CPU from ann_min_items, else bf16 where the CPU has it)
     ann_min_items: int = 200000  # auto: catalogues from this size use ann on a CPU (docs/performance.md)
     ann_probe: int = 0  # ann: IVF lists searched per query; 0 = lists / 64, at least 48 (more = closer to exact, slower)
     ann_candidates: int = 40  # ann: candidates re-scored exactly per query
@@ -98,7 +98,7 @@ class Settings:
 
         return ScorerConfig(kind=self.scorer, ann_min_items=self.ann_min_items, ann_probe=self.ann_probe,
                             ann_candidates=self.ann_candidates, score_memory_mb=self.score_memory_mb, gpu_tf32=self.gpu_tf32,
-                            threads=self.torch_threads)
+                            threads=self.torch_threads, native_dir=str(Path(self.cache_dir).expanduser() / "native"))
 
     @property
     def local(self) -> bool:
@@ -200,8 +200,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: snapshot_retention must be >= 0 days (0 = kept forever)")
     if s.max_wait <= 0 or s.fetch_max_wait <= 0 or s.backlog_wait < 0:
         raise ConfigError("config: max_wait and fetch_max_wait must be > 0 seconds, backlog_wait >= 0")
-    if s.scorer not in ("auto", "exact", "ann"):
-        raise ConfigError(f"config: scorer must be auto, exact or ann, got {s.scorer!r}")
+    if s.scorer not in ("auto", "exact", "bf16", "ann"):
+        raise ConfigError(f"config: scorer must be auto, exact, bf16 or ann, got {s.scorer!r}")
     if s.ann_min_items < 1 or s.ann_probe < 0 or s.ann_candidates < 1 or s.score_memory_mb < 0:
         raise ConfigError("config: ann_min_items and ann_candidates must be >= 1, ann_probe and score_memory_mb >= 0")
     if s.omp_wait_policy not in ("", "passive", "active"):

@@ -1,54 +1,48 @@
-/* PROTOTYPE, not used by recur: exact top-k scoring on a CPU with AMX (docs/prototypes/amx-scorer/README.md).
+/* Exact top-k scoring on a CPU with AVX-512 BF16 (models/bf16.py builds and loads it;
+   docs/internals.md).
 
    One call scores up to 64 queries against every item:
-   1. the product in bfloat16 on AMX tiles (float32 sums), 16 queries x 64 items at a time;
+   1. the product in bfloat16 with float32 sums (vdpbf16ps), 16 queries x 64 items at a time;
    2. per query, the items whose approximate score passes a running threshold are kept (at most
-      CAP; when SOFT are kept, the threshold is raised by bisection to a value at least M of them reach);
+      CAP; when SOFT are kept, the threshold is raised by bisection to a value at least M of them
+      reach), so no block of scores is ever written out;
    3. the kept items are scored again in float32 from the float32 scoring matrix, the k best returned;
    4. tau[q]: every item that was not kept scores at most tau[q] approximately. The caller accepts a
-      row when its k-th exact score exceeds tau[q] plus the bfloat16 error bound, and scores the
-      other rows with the float32 scorer: the result is then the float32 top-k.
-   start_thresholds (optional, before score_topk): each query's starting threshold from its chunk
-   maxima, for flat scores where many items would pass a threshold that starts at -inf.
-   Build: gcc -O3 -march=native -mamx-tile -mamx-bf16 -shared -fPIC fused.c -o fused.so -lm
-   Known gaps before it could ship: buffers are static (one caller thread; start_thresholds' holds
-   at most 4,096 chunks, 262,144 items, unchecked), no exclusions, 64-wide item vectors only, k at
-   most M. */
+      row when its k-th exact score exceeds tau[q] plus the bfloat16 error bound and scores the
+      other rows with the float32 scorer, so the result is the float32 top-k.
+   Item vectors 64 wide, k at most M. It began as an AMX prototype (docs/prototypes/amx-scorer/,
+   measured on an Intel CPU); this is the same algorithm with the product on AVX-512 BF16, which
+   AMD Zen 4 and later and Intel Cooper Lake and later have. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <math.h>
 #include <unistd.h>
 #include <sys/syscall.h>
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-typedef struct { uint8_t palette_id; uint8_t start_row; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } __attribute__((packed)) tilecfg;
-int amx_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
-
-/* AMX on for this thread: the caller's tile configuration kept in `saved`, restored by
-   _tile_loadconfig(saved) (a saved palette 0 releases the tiles) */
-static inline void tiles_on(tilecfg* saved) {
-  _tile_storeconfig(saved);
-  tilecfg cfg = {0};
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; i++) { cfg.colsb[i] = 64; cfg.rows[i] = 16; }
-  _tile_loadconfig(&cfg);
-}
-
-/* 16 queries A ([16][64] bf16) x one chunk of 64 items Ec -> buf[tile][query][item], float32 */
-static inline void product_64(const uint16_t* A, const uint16_t* Ec, float buf[4][16][16]) {
-  _tile_loadd(4, A, 128);
-  _tile_loadd(5, A + 32, 128);
-  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  _tile_loadd(6, Ec + 0 * 1024, 64); _tile_loadd(7, Ec + 0 * 1024 + 512, 64);
-  _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(0, 5, 7);
-  _tile_loadd(6, Ec + 1 * 1024, 64); _tile_loadd(7, Ec + 1 * 1024 + 512, 64);
-  _tile_dpbf16ps(1, 4, 6); _tile_dpbf16ps(1, 5, 7);
-  _tile_loadd(6, Ec + 2 * 1024, 64); _tile_loadd(7, Ec + 2 * 1024 + 512, 64);
-  _tile_dpbf16ps(2, 4, 6); _tile_dpbf16ps(2, 5, 7);
-  _tile_loadd(6, Ec + 3 * 1024, 64); _tile_loadd(7, Ec + 3 * 1024 + 512, 64);
-  _tile_dpbf16ps(3, 4, 6); _tile_dpbf16ps(3, 5, 7);
-  _tile_stored(0, buf[0], 64); _tile_stored(1, buf[1], 64); _tile_stored(2, buf[2], 64); _tile_stored(3, buf[3], 64);
+/* `rows` (4, 8, 12 or 16) queries A ([rows][64] bf16) x one chunk of 64 items Ec ->
+   buf[group][query][item], float32.
+   Ec: [4 groups of 16 items][2 halves of 32 dims][16 pairs][16 items][2], so one 64-byte row holds
+   a pair of dims of 16 items, and a query's pair broadcast to 16 lanes scores all 16 at once. */
+static inline void product_64(const uint16_t* A, const uint16_t* Ec, float buf[4][16][16], int rows) {
+  for (int r0 = 0; r0 < rows; r0 += 4) {
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++) for (int g = 0; g < 4; g++) acc[i][g] = _mm512_setzero_ps();
+    for (int p = 0; p < 32; p++) {
+      const uint16_t* row = Ec + (size_t)((p >> 4) * 16 + (p & 15)) * 32;
+      __m512bh e0 = (__m512bh)_mm512_loadu_si512(row), e1 = (__m512bh)_mm512_loadu_si512(row + 1024),
+               e2 = (__m512bh)_mm512_loadu_si512(row + 2048), e3 = (__m512bh)_mm512_loadu_si512(row + 3072);
+      for (int i = 0; i < 4; i++) {
+        int32_t pair;
+        __builtin_memcpy(&pair, A + (size_t)(r0 + i) * 64 + 2 * p, 4);
+        __m512bh q = (__m512bh)_mm512_set1_epi32(pair);
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], q, e0);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], q, e1);
+        acc[i][2] = _mm512_dpbf16_ps(acc[i][2], q, e2);
+        acc[i][3] = _mm512_dpbf16_ps(acc[i][3], q, e3);
+      }
+    }
+    for (int i = 0; i < 4; i++) for (int g = 0; g < 4; g++) _mm512_store_ps(buf[g][r0 + i], acc[i][g]);
+  }
 }
 
 #define M 48
@@ -88,68 +82,28 @@ static void compact(keep_t* k) {
   k->n = n; k->thr = lo;
 }
 
-/* A starting threshold per query for score_topk: the largest value that at least M chunk maxima
-   reach (so at least M items score that much or more), lowered by one float step so that those
-   items pass score_topk's "greater than" test. Costs one more product of every item. */
-void start_thresholds(const uint16_t* Q, const uint16_t* E, const float* bias, int B, int nc, float* start)
-{
-  static float cmax[64 * 4096];  /* nc <= 4096 */
-  tilecfg saved __attribute__((aligned(64)));
-  tiles_on(&saved);
-  float buf[4][16][16] __attribute__((aligned(64)));
-  for (int c = 0; c < nc; c++) {
-    const uint16_t* Ec = E + (size_t)c * 4 * 2 * 16 * 32;
-    const float* bc = bias + (size_t)c * 64;
-    __m512 b0 = _mm512_loadu_ps(bc), b1 = _mm512_loadu_ps(bc + 16), b2 = _mm512_loadu_ps(bc + 32), b3 = _mm512_loadu_ps(bc + 48);
-    for (int qt = 0; qt < B; qt += 16) {
-      product_64(Q + (size_t)qt * 64, Ec, buf);
-      for (int r = 0; r < 16; r++) {
-        __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_add_ps(_mm512_load_ps(buf[0][r]), b0), _mm512_add_ps(_mm512_load_ps(buf[1][r]), b1)),
-                                 _mm512_max_ps(_mm512_add_ps(_mm512_load_ps(buf[2][r]), b2), _mm512_add_ps(_mm512_load_ps(buf[3][r]), b3)));
-        cmax[(size_t)(qt + r) * nc + c] = _mm512_reduce_max_ps(m);
-      }
-    }
-  }
-  _tile_loadconfig(&saved);
-  for (int q = 0; q < B; q++) {
-    const float* cm = cmax + (size_t)q * nc;
-    if (nc <= M) { start[q] = -INFINITY; continue; }
-    float lo = INFINITY, hi = -INFINITY;
-    for (int c = 0; c < nc; c++) { lo = cm[c] < lo ? cm[c] : lo; hi = cm[c] > hi ? cm[c] : hi; }
-    for (int it = 0; it < 32; it++) {  /* invariant: at least M maxima >= lo */
-      float mid = lo + (hi - lo) * 0.5f;
-      if (!(mid > lo)) break;
-      int cnt = 0; __m512 tt = _mm512_set1_ps(mid);
-      for (int c = 0; c < nc; c += 16) {
-        __mmask16 live = nc - c >= 16 ? 0xFFFF : (__mmask16)((1u << (nc - c)) - 1);
-        cnt += __builtin_popcount(_mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, cm + c), tt, _CMP_GE_OQ));
-      }
-      if (cnt >= M) { lo = mid; if (cnt <= M + 4) break; } else hi = mid;
-    }
-    start[q] = nextafterf(lo, -INFINITY);
-  }
-}
-
-/* Q: [B][64] bf16 (B multiple of 16, <= 64); E: [nc][4][2][16][16][2] bf16; bias: [nc*64] (-inf padding);
-   qf: [B][64] float queries; S: [V][65] float (item vector, bias);
+/* Q: [B][64] bf16 (B a multiple of 4, at most 64); E: [nc][4][2][16][16][2] bf16; bias: [nc*64]
+   (-inf for the padding items); qf: [B][64] float queries; S: [V][65] float (item vector, bias);
+   k: at most M; workspace: workspace_bytes() bytes, 64-byte aligned, of the caller's (one call at a time);
    out: top_v [B][k], top_i [B][k] best first by exact float32 score; tau[B]: the approximate score at or
    above which every item outside the kept ones lies below (-inf: all items kept) */
+size_t workspace_bytes(void) { return 64 * sizeof(keep_t); }
+
 void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, int nc,
                 const float* qf, const float* S, int k, float* top_v, int32_t* top_i, float* tau, float* kth,
-                const float* start)
+                void* workspace)
 {
-  tilecfg saved __attribute__((aligned(64)));
-  tiles_on(&saved);
   float buf[4][16][16] __attribute__((aligned(64)));
-  static keep_t keep[64];
-  for (int q = 0; q < B; q++) { keep[q].n = 0; keep[q].thr = start ? start[q] : -INFINITY; keep[q].overflow = 0; }
+  keep_t* keep = (keep_t*)workspace;
+  for (int q = 0; q < B; q++) { keep[q].n = 0; keep[q].thr = -INFINITY; keep[q].overflow = 0; }
   for (int c = 0; c < nc; c++) {
     const uint16_t* Ec = E + (size_t)c * 4 * 2 * 16 * 32;
     const float* bc = bias + (size_t)c * 64;
     __m512 bb[4] = {_mm512_loadu_ps(bc), _mm512_loadu_ps(bc + 16), _mm512_loadu_ps(bc + 32), _mm512_loadu_ps(bc + 48)};
     for (int qt = 0; qt < B; qt += 16) {
-      product_64(Q + (size_t)qt * 64, Ec, buf);
-      for (int r = 0; r < 16; r++) {
+      int rows = B - qt < 16 ? B - qt : 16;
+      product_64(Q + (size_t)qt * 64, Ec, buf, rows);
+      for (int r = 0; r < rows; r++) {
         keep_t* kp = &keep[qt + r];
         __m512 t = _mm512_set1_ps(kp->thr);
         __m512 s0 = _mm512_add_ps(_mm512_load_ps(buf[0][r]), bb[0]);
@@ -173,7 +127,6 @@ void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, 
       }
     }
   }
-  _tile_loadconfig(&saved);
   for (int q = 0; q < B; q++) {
     keep_t* kp = &keep[q];
     if (kp->n > M) compact(kp);  /* thr stays -inf when no compaction ever ran: every item was kept */
