@@ -12,12 +12,12 @@ position is past it), so the wait never ends. robinhood/faust PR 542 and faust-s
 and 74 report the same hang. Which way it was lost here was not pinned down: the hang is rare and
 the log shows no more than that line.
 
-So a watch (a service of the worker) checks the records left to restore. When they stay the same, above zero, for
-`recovery_stall_seconds`, it starts the recovery again, as a new rebalance with the same
-partitions would: faust reads the highwaters again, the bulk restore (`pipeline/bulk_restore.py`)
-reads what is left with its own consumer, and faust seeks its consumer back to the last record
-applied. Nothing is lost by a restart: every state record is keyed, and applying one twice is the
-same as once.
+So a watch (a service of the worker) checks the records left to restore. When they stay the
+same, above zero, for `recovery_stall_seconds`, it starts the recovery again, as a new rebalance
+with the same partitions would: faust reads the highwaters again, the bulk restore
+(`pipeline/bulk_restore.py`) reads what is left with its own consumer, and faust seeks its
+consumer back to the last record applied. Nothing is lost by a restart: every state record is
+keyed, and applying one twice is the same as once.
 """
 
 from __future__ import annotations

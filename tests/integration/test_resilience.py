@@ -237,24 +237,42 @@ def test_rebalance_two_workers_both_work_then_one_leaves(stack, model_registry, 
     _assert_states_match_replay(stack, model_registry, events)
 
 
-def test_state_is_restored_in_bulk_from_the_changelog_onto_an_empty_disk(stack, model_registry):
-    events = _events(1000, 50, seed=37)
-    first, later = events[:-50], events[-50:]
-    env = {"RECUR_EXCLUDE_PURCHASED": "false", "RECUR_USERS_COUNT_INTERVAL": "0.5",
-           "RECUR_BULK_RESTORE_MIN_RECORDS": "1"}  # every partition through the bulk restore
+def _restored_onto_an_empty_disk(stack, events, env, before_restart=lambda: None):
+    """All but the last 50 `events` served and the worker stopped; `before_restart()`; its local
+    RocksDB deleted; a new worker, restored from the changelog alone, serves the last 50. -> (that
+    worker, its users in state once restored, its metrics then, the recommendations by event id)."""
+    first = events[:-50]
     produce_events(stack.settings, first)
     recs = Watcher(stack.settings, stack.settings.recommendations_topic)
     worker = stack.start_worker(**env)
     recs.wait_for_events({e.event_id for e in first}, timeout=60)
     assert stack.stop_worker(worker) == 0
+    before_restart()
     shutil.rmtree(stack.workdir / "var-w")  # the table's local RocksDB is gone
-    worker = stack.start_worker(**env)
+    worker = stack.start_worker(**env)  # ready only once its recovery has finished
     users = wait_for_metric(worker, "recur_users_in_state", lambda n: n == 50)
-    produce_events(stack.settings, later)
+    metrics = scrape(worker)
+    produce_events(stack.settings, events[-50:])
     recs.wait_for_events({e.event_id for e in events}, timeout=60)
     assert stack.stop_worker(worker) == 0
     values = {r["event_id"]: r for r in recs.values()}
     recs.close()
+    return worker, users, metrics, values
+
+
+def _assert_lists_follow_the_restored_states(stack, registry, events, values):
+    expected = expected_lists(load_artifact(registry), events)
+    got = {e.event_id: [i["item_id"] for i in values[e.event_id]["items"]] for e in events[-50:]}
+    assert {values[e.event_id]["strategy"] for e in events[-50:]} == {"lstm"}
+    assert [i for i in got if got[i] != expected[i]] == []  # lists follow the restored states, not fresh ones
+    _assert_states_match_replay(stack, registry, events)
+
+
+def test_state_is_restored_in_bulk_from_the_changelog_onto_an_empty_disk(stack, model_registry):
+    events = _events(1000, 50, seed=37)
+    env = {"RECUR_EXCLUDE_PURCHASED": "false", "RECUR_USERS_COUNT_INTERVAL": "0.5",
+           "RECUR_BULK_RESTORE_MIN_RECORDS": "1"}  # every partition through the bulk restore
+    worker, users, _, values = _restored_onto_an_empty_disk(stack, events, env)
     assert users == 50  # every user's state is back
     log = worker.log_path.read_text()
     bulk = [int(n) for n in re.findall(r"restore: (\d+) changelog records written in bulk", log)]
@@ -262,12 +280,7 @@ def test_state_is_restored_in_bulk_from_the_changelog_onto_an_empty_disk(stack, 
     assert len(bulk) == 1 and bulk[0] >= 50, bulk  # at least one record per user, read in bulk
     assert sum(high.values()) > 0 and start == high, (high, start)  # faust's own recovery had nothing left to read
     print(f"bulk restore: {bulk[0]} changelog records for 50 users; faust's recovery started at the highwaters {high}")
-    expected = expected_lists(load_artifact(model_registry), events)
-    got = {e.event_id: [i["item_id"] for i in values[e.event_id]["items"]] for e in later}
-    assert {values[e.event_id]["strategy"] for e in later} == {"lstm"}
-    assert [i for i in got if got[i] != expected[i]] == []  # lists follow the restored states, not fresh ones
-    _assert_states_match_replay(stack, model_registry, events)
-
+    _assert_lists_follow_the_restored_states(stack, model_registry, events, values)
 
 
 def _end_partition_with_a_commit_marker(settings, partition: int) -> int:
@@ -300,35 +313,21 @@ def test_a_restore_that_waits_for_records_no_consumer_is_given_is_started_again(
     same: the worker never served again). The watch starts the recovery again after
     RECUR_RECOVERY_STALL_SECONDS, the bulk restore reads past the marker, the worker serves."""
     events = _events(1000, 50, seed=39)
-    first, later = events[:-50], events[-50:]
     env = {"RECUR_EXCLUDE_PURCHASED": "false", "RECUR_USERS_COUNT_INTERVAL": "0.5",
            "RECUR_RECOVERY_STALL_SECONDS": "3"}
-    produce_events(stack.settings, first)
-    recs = Watcher(stack.settings, stack.settings.recommendations_topic)
-    worker = stack.start_worker(**env)
-    recs.wait_for_events({e.event_id for e in first}, timeout=60)
-    assert stack.stop_worker(worker) == 0
-    marker = _end_partition_with_a_commit_marker(stack.settings, 0)
-    shutil.rmtree(stack.workdir / "var-w")  # restored from the changelog: faust's own recovery (few records)
-    worker = stack.start_worker(**env)  # ready only once the recovery has finished
-    restarts = metric(scrape(worker), "recur_recovery_restarts_total")
-    users = wait_for_metric(worker, "recur_users_in_state", lambda n: n == 50)
-    produce_events(stack.settings, later)
-    recs.wait_for_events({e.event_id for e in events}, timeout=60)
-    assert stack.stop_worker(worker) == 0
-    values = {r["event_id"]: r for r in recs.values()}
-    recs.close()
+    marker = []
+    worker, users, metrics, values = _restored_onto_an_empty_disk(  # faust's own recovery first: few records
+        stack, events, env, lambda: marker.append(_end_partition_with_a_commit_marker(stack.settings, 0)))
+    restarts = metric(metrics, "recur_recovery_restarts_total")
     log = worker.log_path.read_text()
     waits = _restore_tables(log)
-    assert waits[0][0][0] == marker and waits[0][1][0] == -1, waits[0]  # faust's recovery read partition 0 from the start
+    assert waits[0][0][0] == marker[0] and waits[0][1][0] == -1, waits[0]  # faust's recovery read partition 0 from the start
     assert restarts >= 1 and "starting the recovery again" in log
-    assert f"restore: partition 0 read through offset {marker} (offsets {marker}..{marker} hold no record)" in log
+    assert f"restore: partition 0 read through offset {marker[0]} (offsets {marker[0]}..{marker[0]} hold no record)" in log
     assert users == 50  # every user's state is back
-    expected = expected_lists(load_artifact(model_registry), events)
-    got = {e.event_id: [i["item_id"] for i in values[e.event_id]["items"]] for e in later}
-    assert [i for i in got if got[i] != expected[i]] == []  # lists follow the restored states
-    print(f"stalled restore: partition 0's highwater {marker} is a commit marker; restarts {restarts:.0f}")
-    _assert_states_match_replay(stack, model_registry, events)
+    print(f"stalled restore: partition 0's highwater {marker[0]} is a commit marker; restarts {restarts:.0f}")
+    _assert_lists_follow_the_restored_states(stack, model_registry, events, values)
+
 
 def test_broker_restart_mid_stream(stack, local_broker):
     if local_broker is None:
