@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("native") / "bf16_topk.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-shared", "-fPIC")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-WIDTH = 64  # item vectors the kernel takes
+LANES = 32  # the kernel's vectors are padded with zeros to a multiple of this width
 KEPT = 48  # items kept per query (M in the kernel): k plus the row's exclusions at most this
 ROWS = 64  # queries per call
 U = 2.0**-9  # bfloat16's unit roundoff (round to nearest even)
@@ -118,9 +118,9 @@ def _ptr(a: np.ndarray) -> ctypes.c_void_p:
 
 
 class Bf16Scorer:
-    """`ExactScorer`'s results, the product in bfloat16; what the kernel cannot take (a GPU, vectors
-    that are not 64 wide, k plus a row's exclusions above 48, rows whose proof fails) goes to
-    `exact`. One call at a time (a lock): the worker scores from one thread."""
+    """`ExactScorer`'s results, the product in bfloat16; what the kernel cannot take (a GPU, k
+    plus a row's exclusions above 48, rows whose proof fails) goes to `exact`. One call at a time
+    (a lock): the worker scores from one thread."""
 
     name = "bf16"
 
@@ -132,7 +132,7 @@ class Bf16Scorer:
         self._lock = threading.Lock()
         self._prepared: tuple | None = None
         self._workspace = np.empty(lib.workspace_bytes() // 4 + 16, dtype=np.float32)
-        if model is not None and model.output_embedding().size(1) == WIDTH:
+        if model is not None:
             with torch.inference_mode():
                 self._prepare(model)
 
@@ -141,35 +141,40 @@ class Bf16Scorer:
         S = model.scoring_matrix()
         if self._prepared is not None and self._prepared[0] is S:
             return self._prepared
-        Sf = S.detach().float().contiguous()  # [item vector | bias], (V, 65)
-        V, chunks = Sf.size(0), -(-Sf.size(0) // 64)
-        W = torch.zeros(chunks * 64, WIDTH)
-        W[:V] = Sf[:, :WIDTH]
+        Sf = S.detach().float().contiguous()  # [item vector | bias], (V, width + 1)
+        (V, width), chunks = (Sf.size(0), Sf.size(1) - 1), -(-Sf.size(0) // 64)
+        w = -(-width // LANES) * LANES
+        W = torch.zeros(chunks * 64, w)
+        W[:V, :width] = Sf[:, :width]
         bias = torch.full((chunks * 64,), float("-inf"))  # padding items never pass
-        bias[:V] = Sf[:, WIDTH]
-        # [chunk][4 groups of 16 items][2 halves of 32 dims][16 pairs][16 items][2]: a pair of dims of
-        # 16 items in each 64-byte row (the kernel's product_64)
-        E = W.to(torch.bfloat16).view(chunks, 4, 16, 2, 16, 2).permute(0, 1, 3, 4, 2, 5).contiguous()
-        emax = float(Sf[:, :WIDTH].norm(dim=1).max())
-        bmax = float(Sf[:, WIDTH].abs().max())
-        self._prepared = (S, E.view(torch.int16).numpy(), bias.numpy(), chunks, Sf.numpy(), emax, bmax)
+        bias[:V] = Sf[:, width]
+        # [chunk][4 groups of 16 items][w / 2 pairs of dims][16 items][2]: a pair of dims of 16
+        # items in each 64-byte row (the kernel's product_64)
+        E = W.to(torch.bfloat16).view(chunks, 4, 16, w // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
+        if w != width:  # the float32 rows padded as well, the bias last
+            padded = torch.zeros(V, w + 1)
+            padded[:, :width], padded[:, w] = Sf[:, :width], Sf[:, width]
+            Sf = padded
+        emax = float(W.norm(dim=1).max())
+        bmax = float(bias[:V].abs().max())
+        self._prepared = (S, E.view(torch.int16).numpy(), bias.numpy(), chunks, Sf.numpy(), w, emax, bmax)
         return self._prepared
 
     def __call__(self, model: RecurrentRecommender, queries: torch.Tensor, k: int,
                  exclude: Exclude | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         widest = max((len(x) for x in exclude), default=0) if exclude is not None else 0
-        if queries.device.type != "cpu" or queries.size(1) != WIDTH or k > KEPT or queries.size(0) == 0:
+        if queries.device.type != "cpu" or k > KEPT or queries.size(0) == 0:
             return self.exact(model, queries, k, exclude)
         with self._lock:
             return self._score(model, queries, k, min(KEPT, k + widest), exclude)
 
     def _score(self, model: RecurrentRecommender, queries: torch.Tensor, k: int, kk: int,
                exclude: Exclude | None) -> tuple[torch.Tensor, torch.Tensor]:
-        _, E, bias, chunks, S, emax, bmax = self._prepare(model)
+        _, E, bias, chunks, S, w, emax, bmax = self._prepare(model)
         B = queries.size(0)
         padded = -(-B // 4) * 4  # the kernel's product takes queries four at a time
-        qf = np.zeros((padded, WIDTH), dtype=np.float32)
-        qf[:B] = queries.detach().float().numpy()
+        qf = np.zeros((padded, w), dtype=np.float32)
+        qf[:B, : queries.size(1)] = queries.detach().float().numpy()
         qb = torch.from_numpy(qf).to(torch.bfloat16).view(torch.int16).numpy()
         top_v = np.empty((padded, kk), dtype=np.float32)
         top_i = np.empty((padded, kk), dtype=np.int32)
@@ -178,7 +183,7 @@ class Bf16Scorer:
         workspace = self._workspace[(-self._workspace.ctypes.data // 4) % 16:]  # 64-byte aligned
         for s in range(0, padded, ROWS):
             n = min(ROWS, padded - s)
-            self.lib.score_topk(_ptr(qb[s:]), _ptr(E), _ptr(bias), n, chunks, _ptr(qf[s:]), _ptr(S), kk,
+            self.lib.score_topk(_ptr(qb[s:]), _ptr(E), _ptr(bias), n, chunks, w, _ptr(qf[s:]), _ptr(S), kk,
                                 _ptr(top_v[s:]), _ptr(top_i[s:]), _ptr(tau[s:]), _ptr(kth[s:]), _ptr(workspace))
         # |q.e - bf16(q).bf16(e)| <= (2u + u^2) |q| |e|; 1e-5 relative and 1e-6 of the largest bias
         # cover the float32 sums on both sides

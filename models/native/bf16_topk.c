@@ -10,7 +10,7 @@
    4. tau[q]: every item that was not kept scores at most tau[q] approximately. The caller accepts a
       row when its k-th exact score exceeds tau[q] plus the bfloat16 error bound and scores the
       other rows with the float32 scorer, so the result is the float32 top-k.
-   Item vectors 64 wide, k at most M. It began as an AMX prototype (docs/prototypes/amx-scorer/,
+   Item vectors of any width (padded with zeros to a multiple of 32), k at most M. It began as an AMX prototype (docs/prototypes/amx-scorer/,
    measured on an Intel CPU); this is the same algorithm with the product on AVX-512 BF16, which
    AMD Zen 4 and later and Intel Cooper Lake and later have. */
 #include <immintrin.h>
@@ -19,21 +19,22 @@
 #include <math.h>
 #include <unistd.h>
 #include <sys/syscall.h>
-/* `rows` (4, 8, 12 or 16) queries A ([rows][64] bf16) x one chunk of 64 items Ec ->
-   buf[group][query][item], float32.
-   Ec: [4 groups of 16 items][2 halves of 32 dims][16 pairs][16 items][2], so one 64-byte row holds
-   a pair of dims of 16 items, and a query's pair broadcast to 16 lanes scores all 16 at once. */
-static inline void product_64(const uint16_t* A, const uint16_t* Ec, float buf[4][16][16], int rows) {
+/* `rows` (4, 8, 12 or 16) queries A ([rows][w] bf16) x one chunk of 64 items Ec ->
+   buf[group][query][item], float32. Ec: [4 groups of 16 items][w / 2 pairs of dims][16 items][2],
+   so one 64-byte row holds a pair of dims of 16 items, and a query's pair broadcast to 16 lanes
+   scores all 16 at once. */
+static inline void product_64(const uint16_t* A, const uint16_t* Ec, float buf[4][16][16], int rows, int w) {
+  const size_t group = (size_t)(w / 2) * 32;
   for (int r0 = 0; r0 < rows; r0 += 4) {
     __m512 acc[4][4];
     for (int i = 0; i < 4; i++) for (int g = 0; g < 4; g++) acc[i][g] = _mm512_setzero_ps();
-    for (int p = 0; p < 32; p++) {
-      const uint16_t* row = Ec + (size_t)((p >> 4) * 16 + (p & 15)) * 32;
-      __m512bh e0 = (__m512bh)_mm512_loadu_si512(row), e1 = (__m512bh)_mm512_loadu_si512(row + 1024),
-               e2 = (__m512bh)_mm512_loadu_si512(row + 2048), e3 = (__m512bh)_mm512_loadu_si512(row + 3072);
+    for (int p = 0; p < w / 2; p++) {
+      const uint16_t* row = Ec + (size_t)p * 32;
+      __m512bh e0 = (__m512bh)_mm512_loadu_si512(row), e1 = (__m512bh)_mm512_loadu_si512(row + group),
+               e2 = (__m512bh)_mm512_loadu_si512(row + 2 * group), e3 = (__m512bh)_mm512_loadu_si512(row + 3 * group);
       for (int i = 0; i < 4; i++) {
         int32_t pair;
-        __builtin_memcpy(&pair, A + (size_t)(r0 + i) * 64 + 2 * p, 4);
+        __builtin_memcpy(&pair, A + (size_t)(r0 + i) * w + 2 * p, 4);
         __m512bh q = (__m512bh)_mm512_set1_epi32(pair);
         acc[i][0] = _mm512_dpbf16_ps(acc[i][0], q, e0);
         acc[i][1] = _mm512_dpbf16_ps(acc[i][1], q, e1);
@@ -82,14 +83,15 @@ static void compact(keep_t* k) {
   k->n = n; k->thr = lo;
 }
 
-/* Q: [B][64] bf16 (B a multiple of 4, at most 64); E: [nc][4][2][16][16][2] bf16; bias: [nc*64]
-   (-inf for the padding items); qf: [B][64] float queries; S: [V][65] float (item vector, bias);
+/* w: the vectors' width, a multiple of 32 (zeros pad narrower ones); Q: [B][w] bf16 (B a multiple
+   of 4, at most 64); E: [nc][4][w / 2][16][2] bf16; bias: [nc*64] (-inf for the padding items);
+   qf: [B][w] float queries; S: [V][w + 1] float (item vector, bias);
    k: at most M; workspace: workspace_bytes() bytes, 64-byte aligned, of the caller's (one call at a time);
    out: top_v [B][k], top_i [B][k] best first by exact float32 score; tau[B]: the approximate score at or
    above which every item outside the kept ones lies below (-inf: all items kept) */
 size_t workspace_bytes(void) { return 64 * sizeof(keep_t); }
 
-void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, int nc,
+void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, int nc, int w,
                 const float* qf, const float* S, int k, float* top_v, int32_t* top_i, float* tau, float* kth,
                 void* workspace)
 {
@@ -97,12 +99,12 @@ void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, 
   keep_t* keep = (keep_t*)workspace;
   for (int q = 0; q < B; q++) { keep[q].n = 0; keep[q].thr = -INFINITY; keep[q].overflow = 0; }
   for (int c = 0; c < nc; c++) {
-    const uint16_t* Ec = E + (size_t)c * 4 * 2 * 16 * 32;
+    const uint16_t* Ec = E + (size_t)c * 64 * w;
     const float* bc = bias + (size_t)c * 64;
     __m512 bb[4] = {_mm512_loadu_ps(bc), _mm512_loadu_ps(bc + 16), _mm512_loadu_ps(bc + 32), _mm512_loadu_ps(bc + 48)};
     for (int qt = 0; qt < B; qt += 16) {
       int rows = B - qt < 16 ? B - qt : 16;
-      product_64(Q + (size_t)qt * 64, Ec, buf, rows);
+      product_64(Q + (size_t)qt * w, Ec, buf, rows, w);
       for (int r = 0; r < rows; r++) {
         keep_t* kp = &keep[qt + r];
         __m512 t = _mm512_set1_ps(kp->thr);
@@ -132,16 +134,13 @@ void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, 
     if (kp->n > M) compact(kp);  /* thr stays -inf when no compaction ever ran: every item was kept */
     tau[q] = kp->overflow ? INFINITY : kp->thr;
     /* exact float32 scores of the kept items */
-    const float* x = qf + (size_t)q * 64;
-    __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16), x2 = _mm512_loadu_ps(x + 32), x3 = _mm512_loadu_ps(x + 48);
+    const float* x = qf + (size_t)q * w;
     float ev[CAP]; int32_t ei[CAP]; int n = kp->n;
     for (int j = 0; j < n; j++) {
-      const float* row = S + (size_t)kp->i[j] * 65;
-      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(row), x0);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + 16), x1, acc);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + 32), x2, acc);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + 48), x3, acc);
-      ev[j] = _mm512_reduce_add_ps(acc) + row[64];
+      const float* row = S + (size_t)kp->i[j] * (w + 1);
+      __m512 acc = _mm512_setzero_ps();
+      for (int d = 0; d < w; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + d), _mm512_loadu_ps(x + d), acc);
+      ev[j] = _mm512_reduce_add_ps(acc) + row[w];
       ei[j] = kp->i[j];
     }
     /* the k best, best first (insertion sort of at most M) */

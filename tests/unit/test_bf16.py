@@ -59,6 +59,31 @@ def test_the_kernel_returns_the_exact_top_k(lib, n_items):
     assert scorer.rows == 150 and scorer.rescored <= 3  # the proof holds for (nearly) every row
 
 
+@pytest.mark.parametrize("width", [32, 96, 288])
+def test_vectors_of_other_widths_are_padded_and_still_give_the_exact_top_k(lib, width):
+    """288: `recur train`'s default, three members of 96 (their vectors side by side)."""
+    model = _model(4_000, width=width)
+    queries = torch.randn(37, width)
+    scorer = bf16.Bf16Scorer(lib, ExactScorer(), model)
+    with torch.inference_mode():
+        got = scorer(model, queries, 20)
+    _agree(model, queries, 20, got)
+    assert scorer.rescored <= 1
+
+
+def test_an_ensembles_summed_scores_are_scored_as_one_wide_product(lib):
+    from models.lstm import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_items=3_000, embedding_dim=32, hidden_dim=16, dropout=0.0, members=3,
+                                    score_scale=10.0)).eval()  # cosine members, as `recur train` makes
+    queries = torch.randn(20, 96)
+    scorer = bf16.Bf16Scorer(lib, ExactScorer(), model)
+    with torch.inference_mode():
+        got = scorer(model, queries, 20)
+    _agree(model, queries, 20, got)
+
+
 def test_flat_scores_and_exact_ties_still_give_the_exact_top_k(lib):
     model = _model(5_000, bias_std=0.0)
     with torch.no_grad():
@@ -94,11 +119,8 @@ def test_rows_the_proof_misses_or_the_kernel_cannot_take_go_to_the_exact_scorer(
         want = ExactScorer()(model, queries, 20, exclude)
     assert scorer.rescored == 5 and torch.equal(values, want[0]) and torch.equal(items, want[1])
     assert torch.isfinite(values).sum(1).tolist() == [15] * 5
-    narrow = _model(500, width=32)  # 32-wide vectors and k above 48: the exact scorer, untouched
-    q32 = torch.randn(4, 32)
+    wide = _model(500)  # k above 48: the exact scorer, untouched
     with torch.inference_mode():
-        assert torch.equal(scorer(narrow, q32, 20)[1], ExactScorer()(narrow, q32, 20)[1])
-        wide = _model(500)
         assert torch.equal(scorer(wide, queries, 60)[1], ExactScorer()(wide, queries, 60)[1])
 
 
