@@ -148,11 +148,7 @@ def _read_through(table: TableT, tp: TP, last: int, offsets: dict[TP, int | None
     stored = offsets.get(tp)
     if stored is not None and stored >= last:
         return
-    from rocksdict import WriteBatch
-
-    batch = WriteBatch(raw_mode=True)
-    batch.put(*internals.persisted_offset_entry(table, last))
-    internals.partition_db(table, tp.partition).write(batch)
+    internals.set_persisted_offset(table, tp.partition, last)
     log.info("restore: partition %d read through offset %d (offsets %d..%d hold no record)", tp.partition, last,
              (stored if stored is not None else -1) + 1, last)
     offsets[tp] = last

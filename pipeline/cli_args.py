@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.config import ENV_PREFIX, Settings
+from pipeline.config import ENV_PREFIX, SCORERS, Settings
 
 _DEFAULTS = Settings()
 COMPUTED_DEFAULTS = {"bootstrap": "the local broker", "models_dir": "<var_dir>/models",
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="step, e2e: a model artifact or registry to use (its catalogue sets --items); "
                                    "step's default: a model trained once on synthetic data over --items items, "
                                    "cached under the cache dir; 'random': untrained weights (exact speed only)")
-    setting_flag(p, "--scorer", "top-k scorer", choices=["auto", "exact", "bf16", "ann"])
+    setting_flag(p, "--scorer", "top-k scorer", choices=list(SCORERS))
     setting_flag(p, "--ann-probe", "ann: IVF lists searched per query, 0 = lists / 64, at least 48", type=int)
     setting_flag(p, "--ann-candidates", "ann: candidates re-scored exactly per query", type=int)
     setting_flag(p, "--score-memory-mb", "exact scoring on a GPU: MiB for one block of scores, 0 = auto", type=int)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from models.scorers import ScorerConfig
 
 ENV_PREFIX = "RECUR_"
+SCORERS = ("auto", "exact", "bf16", "ann")  # models.scorers.SCORERS, named here without importing torch
 
 
 @dataclass
@@ -200,8 +201,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: snapshot_retention must be >= 0 days (0 = kept forever)")
     if s.max_wait <= 0 or s.fetch_max_wait <= 0 or s.backlog_wait < 0:
         raise ConfigError("config: max_wait and fetch_max_wait must be > 0 seconds, backlog_wait >= 0")
-    if s.scorer not in ("auto", "exact", "bf16", "ann"):
-        raise ConfigError(f"config: scorer must be auto, exact, bf16 or ann, got {s.scorer!r}")
+    if s.scorer not in SCORERS:
+        raise ConfigError(f"config: scorer must be one of {', '.join(SCORERS)}, got {s.scorer!r}")
     if s.ann_min_items < 1 or s.ann_probe < 0 or s.ann_candidates < 1 or s.score_memory_mb < 0:
         raise ConfigError("config: ann_min_items and ann_candidates must be >= 1, ann_probe and score_memory_mb >= 0")
     if s.omp_wait_policy not in ("", "passive", "active"):

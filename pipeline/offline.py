@@ -18,7 +18,7 @@ from models.data import DEFAULT_SESSION_GAP_S, index_sessions
 from models.errors import ConfigError
 from models.evaluate import evaluate_model, evaluate_scorer
 from models.lstm import RecurrentRecommender, resolve_device
-from models.scorers import INDEX_FILE, AnnScorer, build_scorer, choose
+from models.scorers import INDEX_FILE, SCORERS, AnnScorer, build_scorer, choose
 from models.train import TrainConfig, train
 from models.vocab import Vocabulary
 from pipeline import snapshot_files
@@ -208,7 +208,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
     p.add_argument("--session-gap", type=float, default=DEFAULT_SESSION_GAP_S)
-    p.add_argument("--scorer", choices=["auto", "exact", "bf16", "ann"], dest="top_scorer",
+    p.add_argument("--scorer", choices=list(SCORERS), dest="top_scorer",
                    help="rank within the top-k of the worker's scorer (ann: approximate search) instead of "
                         "from every item's score; its settings from RECUR_ANN_* (see recur config)")
 

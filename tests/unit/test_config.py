@@ -37,3 +37,10 @@ def test_secrets_are_masked_and_passed_to_clients():
 def test_settings_hand_over_to_a_child_process_unchanged():
     s = load_settings({"RECUR_K": "7", "RECUR_EXCLUDE_CURRENT": "true", "RECUR_MAX_WAIT": "0.2"})
     assert load_settings(s.to_env()) == s
+
+
+def test_the_scorer_setting_names_every_scorer_models_has():
+    from models.scorers import SCORERS
+    from pipeline.config import SCORERS as SETTING
+
+    assert SETTING == SCORERS  # kept apart so that the clients' config needs no torch
