@@ -43,6 +43,14 @@ class BatchHandler:
         self.settings = settings
         self._store: StateStore | None = None  # made on first use: the table's store exists once the app runs
         self.coverage = ItemCoverage(metrics.known_items)
+        self._model_info()
+
+    def _model_info(self) -> None:
+        """`recur_model_info{version, scorer}`: the live model and the scorer that ranks its items
+        ("none" while cold), so that an operator sees a worker that fell back to a slower one."""
+        live = self.recommender.model is not None
+        self.metrics.model.info({"version": self.recommender.version,
+                                 "scorer": self.recommender.scorer.name if live else "none"})
 
     @property
     def store(self) -> StateStore:
@@ -57,7 +65,7 @@ class BatchHandler:
         old, new = self.recommender.version, artifact.version
         self.recommender.use(artifact, scorer)
         self.coverage.reset()
-        self.metrics.model.info({"version": new})
+        self._model_info()
         self.metrics.model_swaps.inc()
         log.info("model: swapped %s -> %s (scorer %s); users re-warm on their next event", old, new, scorer.name)
 

@@ -59,7 +59,6 @@ def build(settings: Settings,
                  recommender.scorer.name, device)
     _rebuild_trending(recommender, settings)
     metrics = Metrics(registry or CollectorRegistry())
-    metrics.model.info({"version": recommender.version})
     streams = create_app(settings)
     handler = BatchHandler(streams, recommender, metrics, settings)
     register(streams, handler, settings)

@@ -72,6 +72,21 @@ def _emission_span(settings, topic: str, n_records: int, stall_s: float, worker,
         consumer.close()
 
 
+def _worker_scorer(port: int) -> str | None:
+    """The scorer the worker says it ranks with (`recur_model_info{scorer}`); None if unreadable."""
+    import re
+    from urllib.error import URLError
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except (URLError, OSError):
+        return None
+    match = re.search(r'^recur_model_info\{[^}]*scorer="([^"]*)"', text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
 STEADY = (0.1, 0.9)  # the share of a run's lists between which its steady rate is taken
 
 
@@ -129,7 +144,7 @@ def _group_rate(settings: Settings, processes: int, n_events: int, folder: str,
     from pipeline.clients import create_topics
 
     tag = f"{settings.app_id}-w{processes}"
-    group = dataclasses.replace(settings, app_id=tag, recommendations_topic=f"{tag}-recs",
+    group = dataclasses.replace(settings, app_id=tag, recommendations_topic=f"{tag}-recs", metrics_port=0,
                                 var_dir=os.path.join(folder, tag), web_port=worker_process.free_ports(processes))
     create_topics(group)
     log_path = os.path.join(folder, f"{tag}.log")
@@ -187,12 +202,14 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         say(f"    {floor:.0f} events/s")
         first_version = _publish(registry, artifact, "bench")
         worker_settings = dataclasses.replace(settings, bootstrap=settings.bootstrap_servers, models_dir=registry,
-                                              var_dir=registry, metrics_port=0, log_level="warning")
+                                              var_dir=registry, metrics_port=worker_process.free_port(),
+                                              log_level="warning")
         say("(b) recur worker on the same topic")
         worker = worker_process.start(worker_settings, os.path.join(registry, "worker.log"))
         span = _emission_span(settings, settings.recommendations_topic, n_events, 120.0, worker, str(worker.log_path))
         worker_eps = n_events / span
-        say(f"    {worker_eps:.0f} events/s")
+        scorer = _worker_scorer(worker_settings.metrics_port)
+        say(f"    {worker_eps:.0f} events/s (scorer {scorer})")
         settled = None
         if settings.snapshot_interval > 0:
             # (b2...) and (c) measure without it: first let the worker finish the backlog's last work,
@@ -255,6 +272,7 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
             "faust_empty_agent_events_per_s": round(floor, 1),
             "faust_empty_agent_ratio": round(floor / passthrough, 3),
             "worker_to_empty_agent": round(worker_eps / floor, 3),
+            "worker_scorer": scorer,  # what the worker's recur_model_info says ranked the items
             # per process count: events/s between the 10% and 90% of the lists (steady_rate), and
             # first to last list (the start of a group holds a rebalance)
             "workers": None if not workers else {str(c): round(r, 1) for c, r in per_count.items()},

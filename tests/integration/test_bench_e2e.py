@@ -4,8 +4,10 @@ numbers agree with each other, and the run removes what it made."""
 import time
 
 import pytest
+import torch
 from kafka import KafkaAdminClient
 
+from models.scorers import choose
 from pipeline.bench.e2e import run_e2e_bench
 from pipeline.config import load_settings
 
@@ -27,6 +29,8 @@ def test_bench_e2e_smoke_run_reports_consistent_numbers_and_removes_its_topics(b
     assert result["workers"]["1"] > 0 and result["workers"]["2"] > 0  # steady rates: two processes, every list sent
     assert result["scaling"] == pytest.approx(result["workers"]["2"] / result["workers"]["1"], abs=0.002)
     assert result["worker_to_empty_agent"] == pytest.approx(worker / result["faust_empty_agent_events_per_s"], abs=0.002)
+    # the worker's own word for its scorer: auto's choice on this machine for 500 items on a CPU
+    assert result["worker_scorer"] == choose(settings.scorer_config(), torch.device("cpu"), 500)
     assert result["offered_events_per_s"] == pytest.approx(worker / 2, abs=0.1)
     latency = result["latency_ms"]
     assert 0 <= latency["p50"] <= latency["p95"] <= latency["p99"] < 30_000

@@ -14,10 +14,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from models.artifacts import load_artifact, publish_version, save_artifact
 from models.data import sessionize
 from models.online import UserState
+from models.scorers import choose
 from models.synthetic import SyntheticConfig, generate
 from models.train import TrainConfig, train
 from pipeline.clients import produce_events, shift_to_now
@@ -390,6 +392,9 @@ def test_a_model_published_under_load_is_swapped_in_and_a_broken_one_is_refused(
     values, records = recs.values(), list(recs.records)
     recs.close()
     assert swapped == 1 and failures == 1 and metric(metrics, "recur_model_load_failures_total") == 1
+    # the info names the scorer built for the new model: auto's choice for its items on this CPU
+    scorer = choose(stack.settings.scorer_config(), torch.device("cpu"), result.model.config.n_items)
+    assert metric(metrics, "recur_model_info", f'scorer="{scorer}",version="{new_path.name}"') == 1
     assert len(values) == 4000
     by_id = {r["event_id"]: r for r in values}
     assert {by_id[e.event_id]["model_version"] for e in events[:1000]} == {old.version}
