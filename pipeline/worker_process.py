@@ -42,6 +42,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metrics_text(port: int) -> str:
+    """A child worker's /metrics page (it serves it on 127.0.0.1); raises OSError when unreadable."""
+    from urllib.request import urlopen
+
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
 def free_ports(n: int) -> int:
     """A base port such that base .. base + n - 1 on 127.0.0.1 are free now (a worker group's)."""
     while True:

@@ -75,13 +75,10 @@ def _emission_span(settings, topic: str, n_records: int, stall_s: float, worker,
 def _worker_scorer(port: int) -> str | None:
     """The scorer the worker says it ranks with (`recur_model_info{scorer}`); None if unreadable."""
     import re
-    from urllib.error import URLError
-    from urllib.request import urlopen
 
     try:
-        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except (URLError, OSError):
+        text = worker_process.metrics_text(port)
+    except OSError:  # URLError is one
         return None
     match = re.search(r'^recur_model_info\{[^}]*scorer="([^"]*)"', text, re.MULTILINE)
     return match.group(1) if match else None

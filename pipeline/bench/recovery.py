@@ -72,14 +72,11 @@ def _log_time(log: str, text: str) -> float | None:
 
 def _users_in_state(port: int, expected: int, timeout: float) -> int:
     """The worker's exact count of users in state, once it reaches `expected` or at `timeout`."""
-    from urllib.request import urlopen
-
     deadline, users = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
-        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith("recur_users_in_state "):
-                    users = int(float(line.split()[1]))
+        for line in worker_process.metrics_text(port).splitlines():
+            if line.startswith("recur_users_in_state "):
+                users = int(float(line.split()[1]))
         if users >= expected:
             break
         time.sleep(0.5)
