@@ -8,6 +8,7 @@ library, so the wire format, the CLI's clients and the readers do not pull in to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ from models.errors import BadRecord
 
 CLICK, PURCHASE = 0, 1
 EVENT_TYPES = ("click", "purchase")  # index = event type id
+_TYPE_IDS = {name: n for n, name in enumerate(EVENT_TYPES)}
 
 MIN_TIMESTAMP_MS = 946_684_800_000  # 2000-01-01: anything earlier is absurd
 MAX_FUTURE_MS = 24 * 3600 * 1000  # more than a day ahead of the clock is absurd
@@ -61,11 +63,13 @@ class Recommendation:
 
 
 def _id(obj: dict, field: str, required: bool) -> str | None:
-    if field not in obj or obj[field] is None:
+    value = obj.get(field)
+    if type(value) is str and 0 < len(value) <= MAX_ID_LENGTH:  # the common case, first
+        return value
+    if value is None:
         if required:
             raise BadRecord("missing_field", f"field '{field}' is missing")
         return None
-    value = obj[field]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise BadRecord("wrong_type", f"field '{field}' must be a string")
     value = str(value)
@@ -76,10 +80,12 @@ def _id(obj: dict, field: str, required: bool) -> str | None:
 
 def parse_timestamp(value: Any, now_ms: int) -> int:
     """Epoch milliseconds (int or float) or an ISO-8601 string -> epoch ms."""
-    if isinstance(value, bool):
+    if type(value) is int:  # the common case, first (bool is a subclass of int, not int itself)
+        ms = value
+    elif isinstance(value, bool):
         raise BadRecord("bad_timestamp", "timestamp must be epoch milliseconds or ISO-8601")
-    if isinstance(value, (int, float)):
-        if value != value or value in (float("inf"), float("-inf")):
+    elif isinstance(value, (int, float)):
+        if not math.isfinite(value):
             raise BadRecord("bad_timestamp", "timestamp is not a finite number")
         ms = int(value)
     elif isinstance(value, str):
@@ -106,16 +112,17 @@ def parse_event(obj: Any, now_ms: int) -> Event:
     if "event_type" not in obj:
         raise BadRecord("missing_field", "field 'event_type' is missing")
     etype = obj["event_type"]
-    if not isinstance(etype, str):
-        raise BadRecord("wrong_type", "field 'event_type' must be a string")
-    if etype not in EVENT_TYPES:
+    type_id = _TYPE_IDS.get(etype) if type(etype) is str else None
+    if type_id is None:
+        if not isinstance(etype, str):
+            raise BadRecord("wrong_type", "field 'event_type' must be a string")
         raise BadRecord("unknown_event_type", f"event_type must be one of {', '.join(EVENT_TYPES)}")
     if "timestamp" not in obj:
         raise BadRecord("missing_field", "field 'timestamp' is missing")
     return Event(
         user_id=user_id,  # type: ignore[arg-type]
         item_id=item_id,  # type: ignore[arg-type]
-        event_type=EVENT_TYPES.index(etype),
+        event_type=type_id,
         timestamp_ms=parse_timestamp(obj["timestamp"], now_ms),
         event_id=_id(obj, "event_id", False),
         session_id=_id(obj, "session_id", False),

@@ -26,7 +26,7 @@ _MAGIC = b"R1"
 _HEADER = struct.Struct("<2sI")  # magic, header length
 
 
-@dataclass
+@dataclass(slots=True)
 class UserState:
     """What recur remembers about one user."""
 
@@ -49,7 +49,7 @@ class UserState:
                 "s": self.last_strategy,
             }
         )
-        return _HEADER.pack(_MAGIC, len(header)) + header + self.vector.astype(np.float16).tobytes()
+        return _HEADER.pack(_MAGIC, len(header)) + header + self.vector.astype(np.float16, copy=False).tobytes()
 
     @classmethod
     def decode(cls, raw: bytes) -> UserState:
@@ -57,11 +57,12 @@ class UserState:
         if magic != _MAGIC:
             raise ValueError("state record has an unknown format")
         h = orjson.loads(raw[_HEADER.size : _HEADER.size + n])
-        vector = np.frombuffer(raw[_HEADER.size + n :], dtype=np.float16).copy()
+        # read-only, on `raw`'s bytes: a state's vector is replaced, never written in place
+        vector = np.frombuffer(raw, dtype=np.float16, offset=_HEADER.size + n)
         return cls(h["v"], h["o"], vector, h["i"], h["t"], h["r"], h["s"])
 
 
-@dataclass
+@dataclass(slots=True)
 class InputEvent:
     event: Event
     partition: int
@@ -106,6 +107,7 @@ class OnlineRecommender:
         self.model: RecurrentRecommender | None = None
         self.scorer: Scorer = ExactScorer(config.scorer.score_memory_mb)
         self.vocab = Vocabulary([])
+        self._names = np.empty(0, dtype=object)  # the vocabulary's item ids, for fancy indexing
         self.version = COLD
         if artifact is not None:
             self.use(artifact)
@@ -124,6 +126,7 @@ class OnlineRecommender:
         self.model = artifact.model
         self.scorer = scorer
         self.vocab = artifact.vocab
+        self._names = np.asarray(artifact.vocab.items, dtype=object)
         self.version = artifact.version
         self.trending.fallback = artifact.vocab.items  # training popularity: cold lists fill up to K
 
@@ -206,13 +209,13 @@ class OnlineRecommender:
                recs: list[Recommendation | None], stats: BatchStats) -> None:
         cfg = self.config
         known = []
+        self.trending.add_many([events[n].event.item_id for n in members])
         for n in members:
             ev = events[n]
             st = current[ev.event.user_id]
             if st.last_recs:
                 stats.hit_opportunities += 1
                 stats.hits += ev.event.item_id in st.last_recs
-            self.trending.add(ev.event.item_id)
             st.recent_items.append(ev.event.item_id)  # the state's own lists (decoded or fresh)
             st.recent_types.append(ev.event.event_type)
             if len(st.recent_items) > cfg.recent_n:
@@ -238,17 +241,17 @@ class OnlineRecommender:
             new_state, top_scores, top_idx = out.state, out.top_scores, out.top_items
             new_vectors = new_state.to(torch.float16).cpu().numpy()
             finite = torch.isfinite(top_scores).cpu().numpy()  # masked items score -inf
-            top_scores = top_scores.cpu().numpy().round(4).tolist()
-            top_idx = top_idx.cpu().numpy().tolist()
-            names = self.vocab.items
+            all_finite: list[bool] = np.asarray(finite.all(axis=1)).tolist()
+            top_names: list[list[str]] = self._names[top_idx.cpu().numpy()].tolist()  # the batch's ids at once
+            scores: list[list[float]] = top_scores.cpu().numpy().round(4).tolist()
             for row, (n, _) in enumerate(known):
                 st = current[events[n].event.user_id]
                 st.vector = new_vectors[row]
-                ids, scores_row = top_idx[row], top_scores[row]
-                if not finite[row].all():
+                ids, scores_row = top_names[row], scores[row]
+                if not all_finite[row]:
                     ids = [j for j, ok in zip(ids, finite[row]) if ok]
                     scores_row = scores_row[: len(ids)]  # -inf sorts last
-                recs[n] = self._emit(events[n], st, [names[j] for j in ids], scores_row, "lstm")
+                recs[n] = self._emit(events[n], st, ids, scores_row, "lstm")
         known_rows = {n for n, _ in known}
         for n in members:
             if n in known_rows:

@@ -29,6 +29,17 @@ class Trending:
             if not self.counts[old]:
                 del self.counts[old]
 
+    def add_many(self, items: Sequence[str]) -> None:
+        """`add` of each item, in order, for a batch at once."""
+        self.window.extend(items)
+        self.counts.update(items)
+        counts = self.counts
+        while len(self.window) > self.size:
+            old = self.window.popleft()
+            counts[old] -= 1
+            if not counts[old]:
+                del counts[old]
+
     def seed(self, items: Iterable[str]) -> int:
         """Add past events' items, oldest first (only the newest `window` count). -> items added."""
         items = list(items)

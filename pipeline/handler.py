@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
 from faust.types import EventT
 
 from models.artifacts import Artifact
@@ -26,7 +27,7 @@ from pipeline import faust_internals as internals
 from pipeline.app import Streams
 from pipeline.batching import records_after
 from pipeline.config import Settings
-from pipeline.metrics import Metrics
+from pipeline.metrics import Metrics, observe_many
 from pipeline.model_watch import ItemCoverage
 from pipeline.producing import PartitionBatches, partitions_for
 from pipeline.records import decode_event, dlq_headers, encode_recommendation
@@ -117,17 +118,14 @@ class BatchHandler:
         sent_ms = int(time.time() * 1000)
         out = PartitionBatches(internals.kafka_producer(self.streams.app), self.settings.recommendations_topic)
         rec_partitions = await out.partitions()
-        strategies: Counter[str] = Counter()
-        observe = self.metrics.e2e_seconds.observe
         encoded = [encode_recommendation(rec, sent_ms) for rec in recs]
         # keyed by user, in the partition producer.send would pick for the key
         for (key, value), partition in zip(encoded, partitions_for([key for key, _ in encoded], rec_partitions)):
             out.add(partition, key, value)
-        for rec in recs:
-            strategies[rec.strategy] += 1
-            observe(max(0.0, (sent_ms - rec.event_timestamp) / 1000.0))
+        event_ms = np.array([rec.event_timestamp for rec in recs], dtype=np.int64)
+        observe_many(self.metrics.e2e_seconds, np.maximum(0, sent_ms - event_ms) / 1000.0)
         await out.submit()
-        for strategy, n in strategies.items():
+        for strategy, n in Counter([rec.strategy for rec in recs]).items():
             self.metrics.recommendations.labels(strategy).inc(n)
         m = self.metrics
         m.batch_size.observe(len(valid))

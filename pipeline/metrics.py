@@ -6,6 +6,9 @@ The registry is injected so tests use a fresh CollectorRegistry(). Names carry t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -46,6 +49,28 @@ class Metrics:
             self.forget_requests.labels(part)
             self.forget_seconds.labels(part)
         self.snapshot_expired = Counter("recur_snapshot_files_expired_total", "Snapshot files deleted by the retention limit", registry=registry)
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float] | np.ndarray) -> None:
+    """`histogram.observe(a)` for each of `amounts` (a histogram without labels, or one child),
+    each bucket's count added once: a batch's end-to-end times cost ~0.1 µs an event instead of
+    `observe`'s ~2 (a loop over the bounds and a lock per call). Uses prometheus-client's
+    histogram fields (`_upper_bounds`, `_buckets`, `_sum`, as `observe` does); where they are not
+    there, it observes one at a time."""
+    bounds, buckets, total = (getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    if not len(amounts):
+        return
+    values = np.asarray(amounts, dtype=np.float64)
+    # observe() counts an amount in the first bucket whose bound is at or above it (the last is +Inf)
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), values, side="left"), minlength=len(bounds))
+    total.inc(float(values.sum()))
+    for bucket, n in zip(buckets, counts.tolist()):
+        if n:
+            bucket.inc(n)
 
 
 class RetrainMetrics:

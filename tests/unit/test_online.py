@@ -86,6 +86,14 @@ def test_purchased_items_are_never_recommended():
     assert len(recs[1].items) == 29
 
 
+def test_a_list_asked_longer_than_the_items_left_holds_only_the_items_left():
+    rec = OnlineRecommender(_artifact(), OnlineConfig(k=30))  # the whole catalogue, one item bought
+    _, recs = _run(rec, [[_ev("a", "i1", 0, etype=1), _ev("a", "i2", 1)]])
+    items, scores = recs[1].item_ids, recs[1].scores
+    assert len(items) == len(scores) == 29 and len(set(items)) == 29 and "i1" not in items
+    assert all(np.isfinite(scores)) and scores == sorted(scores, reverse=True)
+
+
 def test_state_record_round_trip_is_compact():
     st = UserState("v1", 41, np.arange(16, dtype=np.float16), ["a", "b"], [0, 1], ["c"], "lstm")
     back = UserState.decode(st.encode())

@@ -35,3 +35,17 @@ def test_a_cold_worker_seeded_from_snapshots_sends_their_trending_items():
     rec.trending.seed(["i1", "i2", "i2", "i3", "i3", "i3"])
     _, recs = _run(rec, [[_ev("a", "i9", 0)]])
     assert [i for i, _ in recs[0].items] == ["i3", "i2", "i1"]
+
+
+def test_a_batch_added_at_once_counts_as_its_items_added_one_by_one():
+    items = ["a", "b", "a", "c", "a", "d", "b", "e"]
+    one, many = Trending(window=5), Trending(window=5)
+    for item in ["z", "z"]:
+        one.add(item)
+    many.add_many(["z", "z"])
+    for item in items:
+        one.add(item)
+    many.add_many(items)  # more items than the window: the oldest fall out as they would one by one
+    assert list(many.window) == list(one.window) == ["c", "a", "d", "b", "e"]
+    assert many.counts == one.counts and "z" not in many.counts
+    assert many.top(5) == one.top(5) == [("a", 1.0), ("b", 1.0), ("c", 1.0), ("d", 1.0), ("e", 1.0)]
