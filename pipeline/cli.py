@@ -344,6 +344,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.users is None:
         args.users = 100_000 if args.what == "e2e" else 1_000_000
+    if args.latency_rate is not None and not args.latency_rate > 0:
+        raise ConfigError("bench: --latency-rate must be > 0 events/s")
     settings = _settings(args)
     say = lambda line: print(f"[bench] {line}", file=sys.stderr)  # noqa: E731
     if args.what == "recovery":
@@ -363,7 +365,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot = args.plot or str(settings.var_path / "bench-e2e.png")  # never into the working tree
         result = run_e2e_bench(settings, args.events, args.users, args.items, args.embedding_dim, args.hidden_dim,
                                args.latency_seconds, plot, say, artifact=given, swap=args.swap,
-                               workers=[int(w) for w in args.workers.split(",")])
+                               workers=[int(w) for w in args.workers.split(",")], latency_rate=args.latency_rate)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 

@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.0, help="step: seconds per batch size")
     p.add_argument("--events", type=int, default=200000, help="e2e: pre-loaded events (default 200000)")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="e2e: seconds of paced load")
+    p.add_argument("--latency-rate", type=float, default=None,
+                   help="e2e: events/s of the paced load (default: half the single worker's measured rate)")
     p.add_argument("--workers", default="1", help="e2e: worker process counts to measure, e.g. 1,2 (each count "
                                                   "a consumer group of its own; adds 'workers' (steady: the lists from 10%% to 90%%), 'workers_first_to_last' and 'scaling')")
     p.add_argument("--swap", action="store_true", help="e2e: publish the model again halfway through the paced "

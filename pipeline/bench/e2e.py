@@ -157,10 +157,13 @@ def _group_rate(settings: Settings, processes: int, n_events: int, folder: str,
 
 def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int, embedding_dim: int,
                   hidden_dim: int, latency_seconds: float, plot: str | None, say: Callable[[str], None],
-                  artifact: Artifact | None = None, swap: bool = False, workers: list[int] | None = None) -> dict:
+                  artifact: Artifact | None = None, swap: bool = False, workers: list[int] | None = None,
+                  latency_rate: float | None = None) -> dict:
     """`artifact`: the worker's model (its catalogue sets the items); None = untrained weights over
     `n_items`. `swap`: publish the model again halfway through the paced load (the worker loads it
-    and builds its scorer in a thread, then swaps) and report the latency around the swap."""
+    and builds its scorer in a thread, then swaps) and report the latency around the swap.
+    `latency_rate`: events/s of the paced load; None = half the single worker's measured rate
+    (a given rate lets two runs, or two builds, compare their latency at the same load)."""
     import asyncio
     import dataclasses
     import json
@@ -224,7 +227,7 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
             say(f"(b{count}) recur worker --processes {count}, a consumer group of its own, the same events")
             full_span[count], per_count[count] = _group_rate(worker_settings, count, n_events, registry, say)
             say(f"    {full_span[count]:.0f} events/s; steady: {per_count[count]:.0f}")
-        rate = worker_eps / 2
+        rate = latency_rate if latency_rate else worker_eps / 2
         say(f"(c) latency at {rate:.0f} events/s for {latency_seconds:.0f}s")
         start = end_offsets(settings, settings.recommendations_topic)
         prod = producer(settings)

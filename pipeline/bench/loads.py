@@ -60,10 +60,10 @@ def faust_floor_main() -> None:
     """An empty faust agent on the events topic: it batches and acks like the worker's agent
     (same batching, same fetch wait) and does nothing else. Run by `run_e2e_bench` in a child
     process; reads RECUR_* settings plus RECUR_FLOOR_EVENTS and writes events/s to
-    RECUR_FLOOR_OUT. What any faust worker pays before doing any work."""
+    RECUR_FLOOR_OUT. What any faust worker pays before doing any work. Its faust folder sits
+    beside RECUR_FLOOR_OUT, in the run's folder, which the bench removes."""
     import os
     import sys
-    import tempfile
     from pathlib import Path
 
     import faust
@@ -76,7 +76,7 @@ def faust_floor_main() -> None:
     n_events, out = int(os.environ["RECUR_FLOOR_EVENTS"]), Path(os.environ["RECUR_FLOOR_OUT"])
     limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
     app = faust.App(f"{settings.app_id}-floor", broker=f"kafka://{settings.bootstrap_servers}", store="memory://",
-                    datadir=tempfile.mkdtemp(prefix="recur-floor-"), processing_guarantee="at_least_once",
+                    datadir=str(out.parent / "floor-data"), processing_guarantee="at_least_once",
                     consumer_auto_offset_reset="earliest", web_enabled=False, topic_allow_declare=False,
                     logging_config=None)
     topic = app.topic(settings.events_topic, key_serializer="raw", value_serializer="raw")

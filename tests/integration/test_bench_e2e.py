@@ -1,7 +1,9 @@
 """`recur bench e2e` with tiny sizes against the real broker: the three phases run, the
 numbers agree with each other, and the run removes what it made."""
 
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ def test_bench_e2e_smoke_run_reports_consistent_numbers_and_removes_its_topics(b
                               "RECUR_SNAPSHOT_INTERVAL": "5"})
     said: list[str] = []
     plot = tmp_path / "bench.png"
+    ours = ("recur-bench-", "recur-floor-")  # the run's folder, and the empty agent's (it leaked one a run)
+    before = {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(ours)}
     result = run_e2e_bench(settings, n_events=3000, n_users=300, n_items=500, embedding_dim=16, hidden_dim=32,
                            latency_seconds=3.0, plot=str(plot), say=said.append, workers=[1, 2])
     passthrough, worker = result["passthrough_events_per_s"], result["worker_events_per_s"]
@@ -47,6 +51,7 @@ def test_bench_e2e_smoke_run_reports_consistent_numbers_and_removes_its_topics(b
     finally:
         admin.close()
     assert left == []
+    assert {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(ours)} == before
 
 
 def test_bench_recovery_smoke_run_restores_every_user_and_reports_its_rate(bootstrap, tmp_path):

@@ -136,3 +136,8 @@ def test_the_worker_sets_openmp_threads_to_wait_passively_before_torch_loads_unl
     assert run() == ["PASSIVE", "True"]  # set before torch (and its OpenMP runtime) is imported
     assert run(OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "True"]  # the operator's own value wins
     assert run(RECUR_OMP_WAIT_POLICY="") == ["None", "True"]  # off: OpenMP's default
+
+
+def test_bench_latency_rate_must_be_positive_with_one_line(capsys):
+    assert main(["bench", "e2e", "--latency-rate", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "recur: bench: --latency-rate must be > 0 events/s"
