@@ -40,3 +40,16 @@ def test_observe_many_of_nothing_leaves_the_histogram_empty():
     _, _, b, rb = _pair()
     observe_many(b, np.array([]))
     assert 't_seconds_count 0.0' in _series(rb)
+
+
+def test_observe_many_falls_back_to_observe_on_a_histogram_without_the_fields_it_reads():
+    class Plain:  # what a prometheus-client without `_upper_bounds` / `_buckets` / `_sum` would offer
+        def __init__(self):
+            self.seen = []
+
+        def observe(self, amount):
+            self.seen.append(amount)
+
+    plain = Plain()
+    observe_many(plain, np.array([0.5, 0.002]))
+    assert plain.seen == [0.5, 0.002]
