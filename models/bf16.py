@@ -190,12 +190,18 @@ class Bf16Scorer:
         bound = (2 * U + U**2 + 1e-5) * np.linalg.norm(qf[:B], axis=1) * emax + 1e-6 * bmax
         ok = kth[:B] > tau[:B] + bound
         keep = np.ones((B, kk), dtype=bool)
-        if exclude is not None:
-            for r, excluded in enumerate(exclude):
-                if len(excluded) > kk - k:
-                    ok[r] = False
-                elif len(excluded):
-                    keep[r] = ~np.isin(top_i[r], np.asarray(excluded, dtype=np.int32))
+        if exclude is not None and kk > k:
+            # the rows' exclusions side by side (-1 pads; no item is -1), compared with every kept
+            # item at once: one numpy call for the batch where np.isin per row took ~20 us a row
+            excluded = np.full((B, kk - k), -1, dtype=np.int32)
+            for r, row in enumerate(exclude):
+                if len(row) > kk - k:
+                    ok[r] = False  # more than the kernel kept past k: ExactScorer below
+                elif len(row):
+                    excluded[r, : len(row)] = row
+            keep = ~(top_i[:B, :, None] == excluded[:, None, :]).any(axis=2)
+        elif exclude is not None:
+            ok &= np.array([not len(row) for row in exclude], dtype=bool)
         order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the k best not excluded, best first
         values = torch.from_numpy(np.take_along_axis(top_v[:B], order, axis=1))
         items = torch.from_numpy(np.take_along_axis(top_i[:B], order, axis=1).astype(np.int64))

@@ -51,6 +51,17 @@ static inline void product_64(const uint16_t* A, const uint16_t* Ec, float buf[4
 #define SOFT (M + 48)
 typedef struct { float v[CAP]; int32_t i[CAP]; int n; float thr; int overflow; } keep_t;
 
+/* Append the lanes of v / ii that mask mk selects at k->v + n / k->i + n. Compressed in a register
+   and stored whole: a compress with a memory destination (vcompressps / vpcompressd m512) is
+   microcoded on AMD Zen 4, and it took over half the kernel's time there (docs/performance.md).
+   The store writes 16 lanes: the lanes past the selected ones land on slots at or above the new
+   count, which hold nothing yet; every caller has n <= CAP - 16 (the callers' checks), so they stay
+   inside v and i. */
+static inline void append(keep_t* k, int n, __mmask16 mk, __m512 v, __m512i ii) {
+  _mm512_storeu_ps(k->v + n, _mm512_maskz_compress_ps(mk, v));
+  _mm512_storeu_si512(k->i + n, _mm512_maskz_compress_epi32(mk, ii));
+}
+
 static int count_ge(const keep_t* k, float t) {
   int c = 0; __m512 tt = _mm512_set1_ps(t);
   for (int j = 0; j < k->n; j += 16) {
@@ -76,8 +87,7 @@ static void compact(keep_t* k) {
     __mmask16 live = k->n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (k->n - j)) - 1);
     __m512 v = _mm512_maskz_loadu_ps(live, k->v + j); __m512i ii = _mm512_maskz_loadu_epi32(live, k->i + j);
     __mmask16 mk = _mm512_mask_cmp_ps_mask(live, v, tt, _CMP_GE_OQ);
-    _mm512_mask_compressstoreu_ps(k->v + n, mk, v);
-    _mm512_mask_compressstoreu_epi32(k->i + n, mk, ii);
+    append(k, n, mk, v, ii);  /* n <= j <= CAP - 16: it only overwrites slots already read */
     n += __builtin_popcount(mk);
   }
   k->n = n; k->thr = lo;
@@ -121,9 +131,8 @@ void score_topk(const uint16_t* Q, const uint16_t* E, const float* bias, int B, 
           if (kp->n + 16 > SOFT) { compact(kp); t = _mm512_set1_ps(kp->thr); mk = _mm512_cmp_ps_mask(ss[g], t, _CMP_GT_OQ); if (!mk) continue; }
           if (kp->n + 16 > CAP) { kp->overflow = 1; continue; }
           int n = kp->n;
-          _mm512_mask_compressstoreu_ps(kp->v + n, mk, ss[g]);
           __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(c * 64 + g * 16), _mm512_set_epi32(15,14,13,12,11,10,9,8,7,6,5,4,3,2,1,0));
-          _mm512_mask_compressstoreu_epi32(kp->i + n, mk, ids);
+          append(kp, n, mk, ss[g], ids);  /* n <= CAP - 16: checked above */
           kp->n = n + __builtin_popcount(mk);
         }
       }
