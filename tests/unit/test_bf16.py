@@ -95,6 +95,21 @@ def test_flat_scores_and_exact_ties_still_give_the_exact_top_k(lib):
     _agree(model, queries, 20, got)
 
 
+def test_more_tied_items_than_the_kernel_can_keep_go_to_the_exact_scorer(lib):
+    """400 items share the best score: more than the 256 a query's keep holds, so the kernel's
+    appends run up to the end of it and it gives up its proof; every row is scored exactly."""
+    model = _model(5_000, bias_std=0.0)
+    with torch.no_grad():
+        model.item_emb.weight[1_000:1_400] = model.item_emb.weight[3]  # item 3 and 400 copies of it
+    queries = model.item_emb.weight[3].detach().repeat(6, 1) + 1e-4 * torch.randn(6, 64)
+    scorer = bf16.Bf16Scorer(lib, ExactScorer())
+    with torch.inference_mode():
+        got = scorer(model, queries, 20)
+    _agree(model, queries, 20, got)
+    assert scorer.rescored == 6
+    assert set(got[1].flatten().tolist()) <= {3, *range(1_000, 1_400)}
+
+
 def test_exclusions_never_come_back_and_the_rest_is_exact(lib):
     model = _model(3_000)
     queries = torch.randn(33, 64)
@@ -107,6 +122,12 @@ def test_exclusions_never_come_back_and_the_rest_is_exact(lib):
     _agree(model, queries, 20, got, exclude)
     assert all(not set(exclude[r]) & set(got[1][r].tolist()) for r in range(33))
     assert scorer.rescored >= 4  # rows 29..32 exclude more than 48 - 20 items: scored by ExactScorer
+    full = bf16.Bf16Scorer(lib, ExactScorer())  # k = 48: no room past k, any exclusion goes to ExactScorer
+    with torch.inference_mode():
+        got = full(model, queries, 48, exclude)
+    _agree(model, queries, 48, got, exclude)
+    assert all(not set(exclude[r]) & set(got[1][r].tolist()) for r in range(33))
+    assert full.rescored >= sum(1 for row in exclude if row) == 31  # (rows 0 and 30 exclude nothing)
 
 
 def test_rows_the_proof_misses_or_the_kernel_cannot_take_go_to_the_exact_scorer(lib):
