@@ -53,7 +53,7 @@ typedef struct { float v[CAP]; int32_t i[CAP]; int n; float thr; int overflow; }
 
 /* Append the lanes of v / ii that mask mk selects at k->v + n / k->i + n. Compressed in a register
    and stored whole: a compress with a memory destination (vcompressps / vpcompressd m512) is
-   microcoded on AMD Zen 4, and it took over half the kernel's time there (docs/performance.md).
+   microcoded on AMD Zen 4, where it took about half the kernel's time (docs/performance.md).
    The store writes 16 lanes: the lanes past the selected ones land on slots at or above the new
    count, which hold nothing yet; every caller has n <= CAP - 16 (the callers' checks), so they stay
    inside v and i. */
