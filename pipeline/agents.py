@@ -32,8 +32,7 @@ def register(streams: Streams, handler: BatchHandler, settings: Settings) -> Non
                 log.critical("worker: unexpected error in a batch; exiting without committing it", exc_info=True)
                 logging.shutdown()
                 os._exit(70)
-            for event in batch:
-                event.ack()  # the offset may be committed now (faust commits acked offsets in order)
+            internals.ack_all(streams.app, batch)  # the offsets may be committed now (faust commits acked offsets in order)
 
 
 def register_users_gauge(streams: Streams, handler: BatchHandler, metrics: Metrics, interval: float) -> None:

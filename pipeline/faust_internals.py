@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import faust
 import faust.transport.drivers.aiokafka as faust_aiokafka
 from faust import streams as faust_streams
 from faust.tables.recovery import Recovery
 from faust.types import TP, EventT, TableT
+from faust.types.tuples import ConsumerMessage, ack_lock
+from mode.utils.futures import notify
 
 # the bulk restore of each app (see restore_before_recovery): (recovery, tps, offsets, highwaters) -> None
 RestoreHook = Callable[[Recovery, set, dict, dict], Awaitable[object]]
@@ -203,6 +205,46 @@ def take(app: faust.App, event: EventT) -> bool:
         msg.tracked = True
         app.consumer.unacked.add(msg)
     return True
+
+
+def ack_all(app: faust.App, events: Iterable[EventT]) -> None:
+    """`event.ack()` for each event of a batch, with the same bookkeeping, in one pass under one
+    hold of faust's ack lock: faust's path is five calls and three lock acquisitions an event
+    (Event.ack -> Message.ack -> decref -> ConsumerMessage.on_final_ack -> Consumer.ack), ~3 µs
+    of the worker's ~140 in a `recur bench e2e` profile. A message is acked when its last
+    reference is released; a consumer message's offset then becomes committable (unless it is
+    below the committed offset or already acked), and a rebalance waiting for acks is woken once.
+    Relies on: `faust.types.tuples.ack_lock`, `message.acked` / `refcount` / `tp` / `offset`,
+    the consumer's `_committed_offset`, `_acked_index`, `_acked`, `_n_acked`, `_unacked_messages`,
+    `_waiting_for_ack`, and `app.topics.acks_enabled_for`."""
+    consumer = app.consumer
+    acking = app.topics.acks_enabled_for
+    committed_offsets, acked_index, acked, unacked = (consumer._committed_offset, consumer._acked_index,
+                                                      consumer._acked, consumer._unacked_messages)
+    woken = False
+    with ack_lock:
+        for event in events:
+            msg = event.message
+            if msg.acked:
+                continue
+            msg.refcount = refcount = max(msg.refcount - 1, 0)
+            if refcount:
+                continue
+            msg.acked = True
+            if not isinstance(msg, ConsumerMessage) or not acking(msg.topic):
+                continue
+            woken = True
+            tp, offset = msg.tp, msg.offset
+            committed = committed_offsets[tp]
+            if committed is None or offset >= committed:
+                index = acked_index[tp]
+                if offset not in index:
+                    unacked.discard(msg)
+                    index.add(offset)
+                    acked[tp].append(offset)
+                    consumer._n_acked += 1
+        if woken:
+            notify(consumer._waiting_for_ack)
 
 
 # -- the table's RocksDB store --------------------------------------------------------------

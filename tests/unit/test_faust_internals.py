@@ -13,7 +13,7 @@ import faust
 import faust.transport.drivers.aiokafka as faust_aiokafka
 import pytest
 from faust.types import TP
-from faust.types.tuples import Message
+from faust.types.tuples import ConsumerMessage, Message
 
 from pipeline import faust_internals as internals
 from pipeline.app import create_app
@@ -282,3 +282,65 @@ def test_a_restarted_recovery_ends_its_wait_for_changelog_records_as_a_new_rebal
 
     recovery.loop.run_until_complete(wait_for_records_that_never_come())  # the service's own loop
     assert "except RebalanceAgain" in inspect.getsource(type(recovery)._restart_recovery.fun)
+
+
+def _consumer_messages(generation: int) -> list[ConsumerMessage]:
+    """Offsets 3 - 9 of partition 0 and 0 - 2 of partition 1; one held by two references, one
+    acked already, one below the committed offset, one repeated (a second message, same offset)."""
+    tp0, tp1 = TP("events", 0), TP("events", 1)
+    msgs = [ConsumerMessage("events", tp.partition, offset, 0.0, 0, {}, b"k", b"v", None, tp=tp,
+                            generation_id=generation) for tp, offset in
+            [(tp0, o) for o in range(3, 10)] + [(tp1, o) for o in range(3)] + [(tp0, 5)]]
+    msgs[1].refcount = 2  # two streams hold it: one ack leaves it unacked
+    msgs[2].acked = True
+    for m in msgs:
+        m.tracked = True
+    return msgs
+
+
+def _ack_state(app, msgs):  # noqa: ANN001
+    c = app.consumer
+    return ({tp: sorted(o) for tp, o in c._acked_index.items()}, {tp: list(o) for tp, o in c._acked.items()},
+            c._n_acked, sorted((m.partition, m.offset) for m in c._unacked_messages),
+            [(m.acked, m.refcount) for m in msgs])
+
+
+async def _ack(app, events, way: str) -> bool:  # noqa: ANN001
+    """Ack `events` faust's way (each event) or with ack_all; -> whether a waiter was woken."""
+    consumer = app.consumer
+    consumer._waiting_for_ack = asyncio.get_running_loop().create_future()
+    if way == "faust":
+        for e in events:
+            e.ack()
+    else:
+        internals.ack_all(app, events)
+    return consumer._waiting_for_ack.done()
+
+
+def test_ack_all_leaves_the_consumer_as_faust_acking_each_event_does(tmp_path):
+    source = inspect.getsource(faust.transport.consumer.Consumer.ack)
+    for line in ("committed = self._committed_offset[tp]", "acked_index.add(offset)",
+                 "self._unacked_messages.discard(message)", "self._n_acked += 1",
+                 "notify(self._waiting_for_ack)", "if self.app.topics.acks_enabled_for(message.topic):"):
+        assert line in source
+    assert "return consumer.ack(self)" in inspect.getsource(ConsumerMessage.on_final_ack)
+    assert "if not self.decref(n):" in inspect.getsource(Message.ack)
+    states, woken = [], []
+    for way in ("faust", "ack_all"):
+        settings = load_settings({"RECUR_VAR_DIR": str(tmp_path / way), "RECUR_APP_ID": "recur-unit"})
+        app = create_app(settings).app
+        app.topics._acking_topics.add("events")
+        consumer = app.consumer
+        consumer._committed_offset[TP("events", 0)] = 4  # offset 3 is below it
+        msgs = _consumer_messages(1)
+        for m in msgs:
+            consumer._unacked_messages.add(m)
+        events = [faust.Event(app, b"k", b"v", {}, m) for m in msgs]
+
+        woken.append(asyncio.run(_ack(app, events, way)))
+        states.append(_ack_state(app, msgs))
+    assert states[0] == states[1] and woken == [True, True]
+    index, acked, n_acked, unacked, flags = states[1]
+    assert index == {TP("events", 0): [5, 6, 7, 8, 9], TP("events", 1): [0, 1, 2]}  # 3 below the commit, 4 held
+    assert n_acked == 8 and unacked == [(0, 3), (0, 4), (0, 5)]  # 3: below the commit; 4: held; 5 twice: one stays
+    assert flags[1] == (False, 1) and flags[2] == (True, 0) and all(a for a, _ in flags[3:])
