@@ -55,6 +55,9 @@ def test_top_k_equals_an_offline_replay_through_step():
         top = torch.topk(scores[0], 10).indices.tolist()
         assert [i for i, _ in recs[n].items] == [ITEMS[j] for j in top]
         assert recs[n].strategy == "lstm" and len(set(i for i, _ in recs[n].items)) == 10
+        # 4 decimals, as on the wire: float32's 0.0338 would be 0.033799998462200165
+        assert recs[n].scores == np.round(torch.topk(scores[0], 10).values.double().numpy(), 4).tolist()
+        assert all(len(repr(v).split(".")[-1]) <= 4 for v in recs[n].scores)
 
 
 def test_already_applied_offsets_are_not_applied_again():
