@@ -70,7 +70,7 @@ def faust_floor_main() -> None:
 
     from pipeline.batching import batches, broker_backlog
     from pipeline.config import load_settings
-    from pipeline.faust_internals import limit_fetch_wait
+    from pipeline.faust_internals import ack_all, limit_fetch_wait
 
     settings = load_settings(os.environ)
     n_events, out = int(os.environ["RECUR_FLOOR_EVENTS"]), Path(os.environ["RECUR_FLOOR_OUT"])
@@ -88,8 +88,7 @@ def faust_floor_main() -> None:
         async for batch in batches(stream, settings.max_batch, settings.max_wait, settings.backlog_wait, behind):
             if not seen["t0"]:
                 seen["t0"], seen["first"] = time.perf_counter(), len(batch)
-            for event in batch:
-                event.ack()
+            ack_all(app, batch)  # as the worker's agent acks (pipeline/agents.py)
             seen["n"] += len(batch)
             if seen["n"] >= n_events:
                 out.write_text(str((seen["n"] - seen["first"]) / max(time.perf_counter() - seen["t0"], 1e-9)))
