@@ -43,7 +43,7 @@ class StateStore:
             by_partition.setdefault(partition, []).append(key)
         found: dict[bytes, bytes | None] = {}
         for partition, part_keys in by_partition.items():
-            # a get per key: rocksdict's get of a list (a multi-get) took 1.7 - 1.9 times as long
+            # a get per key: rocksdict's get of a list (a multi-get) took 1.6 - 2.0 times as long
             # a key (256 of 100,000 keys, faust's options)
             get = internals.partition_db(self.table, partition).get
             for key in part_keys:
