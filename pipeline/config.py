@@ -79,6 +79,9 @@ class Settings:
     snapshot_interval: float = 60.0  # seconds between snapshots; 0 = no snapshots
     snapshot_user_key: str = ""  # secret: snapshots store HMAC-SHA256(key, user id) instead of the id; env only
     snapshot_retention: float = 0.0  # days of snapshots kept (by event hour); 0 = kept forever
+    # where the Parquet files are built: "process" (a child process of the worker's, so that building
+    # them does not take the worker's GIL) or "thread" (in the worker's own process)
+    snapshot_writer: str = "process"
     retrain_every: str = ""  # recur retrain: run every this long (e.g. 1h) as a service; empty = one run
     retrain_window: str = "7d"  # recur retrain: sessions that ended within this span before the newest event
     retrain_holdout: str = "5%"  # recur retrain: newest part held out as the test, a share ("5%") or a span ("1h")
@@ -199,6 +202,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("config: snapshot_interval must be >= 0 seconds (0 = off)")
     if s.snapshot_retention < 0:
         raise ConfigError("config: snapshot_retention must be >= 0 days (0 = kept forever)")
+    if s.snapshot_writer not in ("process", "thread"):
+        raise ConfigError("config: snapshot_writer must be process or thread")
     if s.max_wait <= 0 or s.fetch_max_wait <= 0 or s.backlog_wait < 0:
         raise ConfigError("config: max_wait and fetch_max_wait must be > 0 seconds, backlog_wait >= 0")
     if s.scorer not in SCORERS:

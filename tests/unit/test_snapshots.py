@@ -2,6 +2,7 @@ import asyncio
 import gc
 
 import pyarrow.parquet as pq
+import pytest
 from aiokafka import TopicPartition
 
 from models.events import Event
@@ -129,14 +130,16 @@ class _Consumer:  # the aiokafka consumer's commit, recorded
         self.commits.append(offsets)
 
 
-def _snapshot_consumer(tmp_path, root):
+def _snapshot_consumer(tmp_path, root, writer="thread"):
     from prometheus_client import CollectorRegistry
 
     from pipeline.config import load_settings
     from pipeline.metrics import Metrics
     from pipeline.snapshots import SnapshotConsumer
 
-    settings = load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_SNAPSHOT_DIR": str(root)})
+    # "thread" unless asked: most tests replace write_snapshot, which a child process would not see
+    settings = load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_SNAPSHOT_DIR": str(root),
+                              "RECUR_SNAPSHOT_WRITER": writer})
     snap = SnapshotConsumer(settings, Metrics(CollectorRegistry()))
     snap.consumer = _Consumer()
     return snap
@@ -327,3 +330,41 @@ def test_a_retraining_window_reads_only_the_newest_hours_files(tmp_path):
     got = {e.item_id for e in read_events(root, 7 * 86400)}
     assert got == {"new0", "new1", "new2", "edge"}
     assert len(read_events(root)) == 7  # no window: everything
+
+
+def test_files_are_written_by_a_child_process_that_ignores_ctrl_c_and_is_replaced_when_it_dies(tmp_path):
+    import os
+    import signal
+
+    root = tmp_path / "snap"
+    snap = _snapshot_consumer(tmp_path, root, writer="process")
+    snap.positions[TP0] = 0
+
+    def read_and_flush(first: int, last: int) -> None:
+        for off in range(first, last):
+            snap.pending.add(0, off, Event("u", f"i{off}", 0, T0 + off))
+        snap.offsets[TP0] = last
+        asyncio.run(snap.flush())
+
+    read_and_flush(0, 3)
+    child = snap.writer.pid()
+    assert child is not None and child != os.getpid()
+    assert snap.consumer.commits == [{TP0: 3}]
+    os.kill(child, signal.SIGINT)  # what Ctrl-C sends the whole process group: the worker stops it, later
+    read_and_flush(3, 5)
+    assert snap.writer.pid() == child and snap.consumer.commits[-1] == {TP0: 5}
+    os.kill(child, signal.SIGKILL)
+    read_and_flush(5, 7)  # the dead child fails this write: kept, not committed, counted
+    assert snap.consumer.commits[-1] == {TP0: 5} and len(snap.pending) == 2
+    assert snap.metrics.snapshot_failures._value.get() == 1
+    read_and_flush(7, 8)  # a new child writes what was kept and what came since
+    assert snap.writer.pid() not in (None, child)
+    assert snap.consumer.commits[-1] == {TP0: 8} and len(snap.pending) == 0
+    listing = list_files(str(root))
+    assert sum(f.events for f in listing.files) == listing.distinct_events == 8  # each event in one file
+    assert sorted(e.item_id for e in read_events(root)) == [f"i{off}" for off in range(8)]
+    replacement = snap.writer.pid()
+    asyncio.run(snap.writer.close())
+    assert snap.writer.pid() is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(replacement, 0)  # stopped and reaped by the pool's shutdown
