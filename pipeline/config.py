@@ -28,6 +28,9 @@ class Settings:
     bootstrap: str = ""  # existing broker "host:port"; empty = the local broker recur manages
     kafka_port: int = 19092  # local broker's client port (controller uses port + 1)
     kafka_heap: str = "512m"  # local broker's JVM heap
+    # the local broker's other JVM options; the default compiles with C1 only: on a 2-core machine
+    # C2's compilations took up to a core for seconds at a time (docs/performance.md)
+    kafka_jvm_opts: str = "-XX:TieredStopAtLevel=1"
     var_dir: str = "var"  # local data: broker logs, faust tables, model registry
     cache_dir: str = "~/.cache/recur"  # downloaded broker jars (outside git)
     security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL

@@ -131,6 +131,7 @@ class LocalKafka:
         if not shutil.which("java"):
             raise BrokerError(f"kafka: Java (17+) is not installed: install a JDK, {HINT}")
         return ["java", f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                *self.settings.kafka_jvm_opts.split(),
                 f"-Dlog4j.configuration=file:{self.home / 'log4j.properties'}",
                 "-cp", f"{self.jars}/*", main, *args]
 

@@ -48,3 +48,16 @@ def test_a_taken_controller_port_is_named_before_the_broker_is_started(tmp_path)
             broker.start()
     assert str(err.value).startswith(f"kafka: port {port + 1} (the controller's, RECUR_KAFKA_PORT + 1) is taken")
     assert broker.pid() is None and not (broker.home / "kafka.out").exists()  # nothing was started
+
+
+def test_the_broker_jvm_gets_the_configured_options_and_compiles_with_c1_only_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
+    default = LocalKafka(load_settings({}, {"var_dir": str(tmp_path)}))._java("kafka.Kafka", "server.properties")
+    assert "-XX:TieredStopAtLevel=1" in default
+    assert default[-2:] == ["kafka.Kafka", "server.properties"]  # the options come before the main class
+    own = LocalKafka(load_settings({"RECUR_KAFKA_JVM_OPTS": "-XX:+UseSerialGC  -Xss512k"}, {"var_dir": str(tmp_path)}))
+    cmd = own._java("kafka.Kafka", "server.properties")
+    assert "-XX:TieredStopAtLevel=1" not in cmd
+    assert cmd.index("-Xss512k") == cmd.index("-XX:+UseSerialGC") + 1 < cmd.index("kafka.Kafka")
+    empty = LocalKafka(load_settings({"RECUR_KAFKA_JVM_OPTS": ""}, {"var_dir": str(tmp_path)}))._java("kafka.Kafka")
+    assert "" not in empty and not any(arg.startswith("-XX:Tiered") for arg in empty)
