@@ -97,3 +97,38 @@ def test_users_are_counted_exactly_however_often_their_state_was_overwritten(tmp
     estimate = sum(internals.partition_db(table, p).property_int_value("rocksdb.estimate-num-keys") for p in range(4))
     assert estimate > 1.05 * 233  # the old gauge: RocksDB's estimate counts overwrites
     assert asyncio.run(state.count()) == 233
+
+
+def test_counting_pauses_after_each_chunk_so_it_takes_at_most_its_share_of_the_loop(tmp_path, monkeypatch):
+    import asyncio
+
+    from faust.types import TP
+
+    from pipeline import state_store
+    from pipeline.app import create_app
+    from pipeline.config import load_settings
+
+    streams = create_app(load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_APP_ID": "recur-unit"}))
+    table = streams.state
+    changelog = table.changelog_topic.get_topic_name()
+    monkeypatch.setattr(streams.app.assignor, "assigned_actives", lambda: {TP(changelog, p) for p in range(2)})
+    state = StateStore(table)
+    state.write([(f"user-{u}".encode(), b"s", _event(u % 2)) for u in range(95)], None)
+    clock = [0.0]
+
+    def perf_counter() -> float:  # every reading 2 ms later: each chunk "takes" 2 ms
+        clock[0] += 0.002
+        return clock[0]
+
+    pauses = []
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    monkeypatch.setattr(state_store, "COUNT_CHUNK", 10)
+    monkeypatch.setattr(state_store.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(state_store.asyncio, "sleep", sleep)
+    assert asyncio.run(state.count(share=0.1)) == 95
+    # 48 and 47 users in chunks of 10: 5 chunks each, a pause after each
+    assert len(pauses) == 10
+    assert all(abs(p - 0.018) < 1e-9 for p in pauses)  # 2 ms of work, 18 ms of pause: 10% of the loop
