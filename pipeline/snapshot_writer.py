@@ -29,13 +29,15 @@ NICE = 10  # the child's priority below the worker's
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _child_start() -> None:
+def _child_start(worker: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # worker's last flush still needs this child
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # gone with the worker
     except (OSError, AttributeError):  # not Linux: it exits at its next read of the worker's pipe
         pass
+    if os.getppid() != worker:  # the worker died before the line above
+        os._exit(0)
     try:
         os.nice(NICE)
     except OSError:
@@ -63,7 +65,7 @@ class SnapshotWriter:
         if self._pool is None:
             # spawned, not forked: a fork would copy the worker's threads' locks mid-use
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_child_start)
+                                             initializer=_child_start, initargs=(os.getpid(),))
         try:
             return await asyncio.wrap_future(self._pool.submit(fn, *args))
         except BrokenProcessPool:

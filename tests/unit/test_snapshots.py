@@ -368,3 +368,15 @@ def test_files_are_written_by_a_child_process_that_ignores_ctrl_c_and_is_replace
     assert snap.writer.pid() is None
     with pytest.raises(ProcessLookupError):
         os.kill(replacement, 0)  # stopped and reaped by the pool's shutdown
+
+
+def test_a_writer_child_whose_worker_is_already_gone_exits_at_once():
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from pipeline.snapshot_writer import _child_start; _child_start(int(sys.argv[1])); print('alive')"
+    gone = subprocess.run([sys.executable, "-c", code, "-1"], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 0 and gone.stdout == ""  # its parent is not the worker it was started for
+    alive = subprocess.run([sys.executable, "-c", code, str(os.getpid())], capture_output=True, text=True, timeout=60)
+    assert alive.stdout == "alive\n"  # started by the worker named: it goes on
