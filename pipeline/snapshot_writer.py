@@ -2,10 +2,10 @@
 
 A flush builds Arrow columns from the buffered events, groups them by user and writes zstd
 Parquet: ~80 ms of CPU per 46,000 events. On a thread of the worker's, that work took the GIL in
-many short turns; beside a busy event loop the loop lost ~60 ms a flush, and at half load, where
-the loop was ~90% busy, the latency of `recur bench e2e` rose by 100 - 380 ms once a minute, at
-each flush. A child process has a GIL of its own: the worker only pickles the buffer for it
-(~12 ms per 46,000 events). The child runs at a lower priority (the worker and the broker come
+many short turns; beside a busy thread that thread lost ~60 ms a flush, and at half load, where
+the event loop was ~90% busy, the latency of `recur bench e2e` rose to 103 - 384 ms at each flush
+(every 50,000 events or a minute). A child process has a GIL of its own: the worker only pickles
+the buffer for it (11 - 17 ms per 46,000 events). The child runs at a lower priority (the worker and the broker come
 first), ignores the terminal's signals (the worker stops it after its last flush) and, on Linux,
 dies with the worker.
 """
