@@ -74,20 +74,26 @@ def test_serializers_that_change_bytes_disable_the_direct_path(tmp_path):
     assert not StateStore(SimpleNamespace(data=store, get=lambda key: None)).direct
 
 
-def test_users_are_counted_exactly_however_often_their_state_was_overwritten(tmp_path, monkeypatch):
-    import asyncio
-
+def _faust_rocksdb_store(tmp_path, monkeypatch, partitions: int):  # noqa: ANN202 - (table, StateStore)
+    """The state table of a real faust app on RocksDB, owning `partitions` partitions."""
     from faust.types import TP
 
-    from pipeline import faust_internals as internals
     from pipeline.app import create_app
     from pipeline.config import load_settings
 
     streams = create_app(load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_APP_ID": "recur-unit"}))
     table = streams.state
     changelog = table.changelog_topic.get_topic_name()
-    monkeypatch.setattr(streams.app.assignor, "assigned_actives", lambda: {TP(changelog, p) for p in range(4)})
-    state = StateStore(table)
+    monkeypatch.setattr(streams.app.assignor, "assigned_actives", lambda: {TP(changelog, p) for p in range(partitions)})
+    return table, StateStore(table)
+
+
+def test_users_are_counted_exactly_however_often_their_state_was_overwritten(tmp_path, monkeypatch):
+    import asyncio
+
+    from pipeline import faust_internals as internals
+
+    table, state = _faust_rocksdb_store(tmp_path, monkeypatch, 4)
     assert state.direct
     for rewrite in range(30):  # 233 users, 30 writes each, as the worker writes a batch at a time
         state.write([(f"user-{u}".encode(), b"s" * (200 + rewrite), _event(u % 4)) for u in range(233)], None)
@@ -102,17 +108,9 @@ def test_users_are_counted_exactly_however_often_their_state_was_overwritten(tmp
 def test_counting_pauses_after_each_chunk_so_it_takes_at_most_its_share_of_the_loop(tmp_path, monkeypatch):
     import asyncio
 
-    from faust.types import TP
-
     from pipeline import state_store
-    from pipeline.app import create_app
-    from pipeline.config import load_settings
 
-    streams = create_app(load_settings({"RECUR_VAR_DIR": str(tmp_path), "RECUR_APP_ID": "recur-unit"}))
-    table = streams.state
-    changelog = table.changelog_topic.get_topic_name()
-    monkeypatch.setattr(streams.app.assignor, "assigned_actives", lambda: {TP(changelog, p) for p in range(2)})
-    state = StateStore(table)
+    _table, state = _faust_rocksdb_store(tmp_path, monkeypatch, 2)
     state.write([(f"user-{u}".encode(), b"s", _event(u % 2)) for u in range(95)], None)
     clock = [0.0]
 
