@@ -5,9 +5,9 @@ Parquet: ~80 ms of CPU per 46,000 events. On a thread of the worker's, that work
 many short turns; beside a busy thread that thread lost ~60 ms a flush, and at half load, where
 the event loop was ~90% busy, the latency of `recur bench e2e` rose to 103 - 384 ms at each flush
 (every 50,000 events or a minute). A child process has a GIL of its own: the worker only pickles
-the buffer for it (11 - 17 ms per 46,000 events). The child runs at a lower priority (the worker and the broker come
-first), ignores the terminal's signals (the worker stops it after its last flush) and, on Linux,
-dies with the worker.
+the buffer for it (11 - 17 ms per 46,000 events). The child runs at a lower priority (the worker
+and the broker come first), ignores the terminal's signals (the worker stops it after its last
+flush) and, on Linux, dies with the worker.
 """
 
 from __future__ import annotations

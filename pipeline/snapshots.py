@@ -34,7 +34,7 @@ SNAPSHOT_FETCH_MIN_BYTES = 256 * 1024
 SNAPSHOT_FETCH_WAIT_MS = 500
 
 # a flush also happens once this many events are buffered: the worker pickles them for the writer
-# process (~12 - 17 ms of its GIL per 46,000 events; building the files in a thread of the worker's
+# process (11 - 17 ms of its GIL per 46,000 events; building the files in a thread of the worker's
 # instead cost its event loop ~60 ms), and smaller flushes keep each of those pauses short
 FLUSH_EVENTS = 50_000
 

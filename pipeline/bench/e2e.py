@@ -234,7 +234,7 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         start = end_offsets(settings, settings.recommendations_topic)
         prod = producer(settings)
         # the producer's own start (metadata, connection, producer id) before the clock starts,
-        # on a topic of its own: the first paced events waited for it, and their latency counted it
+        # on a topic of its own: it is not the worker's latency
         warmup = admin(settings)
         try:
             warmup.create_topics([NewTopic(f"bench-{run}-warmup", 1, 1)])
