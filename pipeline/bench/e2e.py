@@ -14,14 +14,12 @@ from typing import Any
 import torch
 
 from models.artifacts import Artifact, publish_version, save_artifact
-from models.events import CLICK, Event
 from models.lstm import ModelConfig, RecurrentRecommender
 from models.scorers import INDEX_FILE
 from models.vocab import Vocabulary
 from pipeline import worker_process
-from pipeline.bench.loads import _faust_floor, _passthrough, _preload
+from pipeline.bench.loads import _faust_floor, _paced, _passthrough, _preload
 from pipeline.config import Settings
-from pipeline.records import encode_event
 
 
 def _emission_span(settings, topic: str, n_records: int, stall_s: float, worker, log_name: str) -> float:  # noqa: ANN001
@@ -173,7 +171,7 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
 
     from kafka.admin import NewTopic
 
-    from pipeline.clients import admin, consume, create_topics, delete_topics_with_prefix, end_offsets, producer
+    from pipeline.clients import admin, consume, create_topics, delete_topics_with_prefix, end_offsets
     from pipeline.kafka_local import start_if_needed
 
     broker, line = start_if_needed(settings)
@@ -232,32 +230,23 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         rate = latency_rate if latency_rate else worker_eps / 2
         say(f"(c) latency at {rate:.0f} events/s for {latency_seconds:.0f}s")
         start = end_offsets(settings, settings.recommendations_topic)
-        prod = producer(settings)
-        # the producer's own start (metadata, connection, producer id) before the clock starts,
-        # on a topic of its own: it is not the worker's latency
-        warmup = admin(settings)
+        warmup = admin(settings)  # the paced producer's start goes to a topic of its own (loads._paced)
         try:
             warmup.create_topics([NewTopic(f"bench-{run}-warmup", 1, 1)])
         finally:
             warmup.close()
-        prod.send(f"bench-{run}-warmup", value=b"").get(timeout=30)
-        sent, t0 = 0, time.perf_counter()
         publisher: threading.Thread | None = None
         published_ms = 0
-        while time.perf_counter() - t0 < latency_seconds:
-            if swap and publisher is None and time.perf_counter() - t0 >= latency_seconds / 2:
+
+        def tick(elapsed: float) -> None:
+            nonlocal publisher, published_ms
+            if swap and publisher is None and elapsed >= latency_seconds / 2:
                 published_ms = int(time.time() * 1000)
                 publisher = threading.Thread(target=_publish, args=(registry, artifact, "bench swap"))
                 publisher.start()
-            due = int((time.perf_counter() - t0) * rate)
-            while sent < due:
-                key, value = encode_event(Event(f"u{sent % n_users}", names[sent % n_items], CLICK,
-                                                int(time.time() * 1000), event_id=f"lat{sent}"))
-                prod.send(settings.events_topic, key=key, value=value)
-                sent += 1
-            prod.flush()
-            time.sleep(0.005)
-        prod.close()
+
+        sent = asyncio.run(_paced(settings, settings.events_topic, f"bench-{run}-warmup", rate, latency_seconds,
+                                  n_users, names, tick))
         if publisher is not None:
             publisher.join()
         timeline = []  # (ms since the first event, latency ms)

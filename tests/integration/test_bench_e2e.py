@@ -67,3 +67,46 @@ def test_bench_recovery_smoke_run_restores_every_user_and_reports_its_rate(boots
     assert result["changelog_bytes"] >= 3000 * 500 and result["store_bytes"] > 0  # ~850-byte states
     assert 0 < result["restore_seconds"] < result["ready_seconds"]
     assert any(line.startswith("deleted ") for line in said)
+
+
+def test_bench_paced_load_sends_every_event_once_at_its_rate_in_the_key_partition(stack):
+    import asyncio
+    import json
+
+    from kafka import TopicPartition
+    from kafka.admin import NewTopic
+
+    from pipeline.bench.loads import _paced
+    from pipeline.clients import admin, reader
+    from pipeline.producing import partitions_for
+
+    s = stack.settings
+    warmup = f"{s.events_topic}-warmup"
+    client = admin(s)
+    try:
+        client.create_topics([NewTopic(warmup, 1, 1)])
+    finally:
+        client.close()
+    ticks: list[float] = []
+    sent = asyncio.run(_paced(s, s.events_topic, warmup, 400.0, 2.0, 50, ["a", "b", "c"], ticks.append))
+    assert 0.9 * 800 <= sent <= 800  # 400 events/s for 2 s, less what fell due after the last round
+    assert ticks == sorted(ticks) and ticks[-1] < 2.0 and len(ticks) >= 50  # rounds of ~5 ms
+    consumer = reader(s)
+    try:
+        partitions = sorted(consumer.partitions_for_topic(s.events_topic))
+        consumer.assign([TopicPartition(s.events_topic, p) for p in partitions])
+        consumer.seek_to_beginning()
+        records, deadline = [], time.monotonic() + 30
+        while len(records) < sent and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records += batch
+    finally:
+        consumer.close()
+    assert len(records) == sent
+    events = [json.loads(r.value) for r in records]
+    assert sorted(int(e["event_id"][3:]) for e in events) == list(range(sent))  # each once
+    assert all(r.key == e["user_id"].encode() for r, e in zip(records, events))
+    # in the partition the default partitioner picks for the key, as the worker's table expects
+    assert [r.partition for r in records] == partitions_for([r.key for r in records], partitions)
+    by_id = {e["event_id"]: e for e in events}
+    assert by_id["lat51"]["user_id"] == "u1" and by_id["lat51"]["item_id"] == "a"  # user n % 50, item n % 3
