@@ -1,5 +1,6 @@
-"""The loads and floors `recur bench e2e` measures the worker against: pre-loaded events, a bare
-aiokafka consume-and-produce loop, and an empty faust agent (run in a child process)."""
+"""The loads and floors `recur bench e2e` measures the worker against: pre-loaded events, the paced
+load of its latency run, a bare aiokafka consume-and-produce loop, and an empty faust agent (run in
+a child process)."""
 
 from __future__ import annotations
 
