@@ -111,8 +111,9 @@ def faust_floor_main() -> None:
     """An empty faust agent on the events topic: it batches and acks like the worker's agent
     (same batching, same fetch wait) and does nothing else. Run by `run_e2e_bench` in a child
     process; reads RECUR_* settings plus RECUR_FLOOR_EVENTS and writes events/s to
-    RECUR_FLOOR_OUT. What any faust worker pays before doing any work. Its faust folder sits
-    beside RECUR_FLOOR_OUT, in the run's folder, which the bench removes."""
+    RECUR_FLOOR_OUT (whose name, less its suffix, names the consumer group). What any faust worker
+    pays before doing any work. Its faust folder sits beside RECUR_FLOOR_OUT, in the run's folder,
+    which the bench removes."""
     import os
     import sys
     from pathlib import Path
@@ -126,8 +127,8 @@ def faust_floor_main() -> None:
     settings = load_settings(os.environ)
     n_events, out = int(os.environ["RECUR_FLOOR_EVENTS"]), Path(os.environ["RECUR_FLOOR_OUT"])
     limit_fetch_wait(max(1, int(settings.fetch_max_wait * 1000)))
-    app = faust.App(f"{settings.app_id}-floor", broker=f"kafka://{settings.bootstrap_servers}", store="memory://",
-                    datadir=str(out.parent / "floor-data"), processing_guarantee="at_least_once",
+    app = faust.App(f"{settings.app_id}-{out.stem}", broker=f"kafka://{settings.bootstrap_servers}", store="memory://",
+                    datadir=str(out.parent / f"{out.stem}-data"), processing_guarantee="at_least_once",
                     consumer_auto_offset_reset="earliest", web_enabled=False, topic_allow_declare=False,
                     logging_config=None)
     topic = app.topic(settings.events_topic, key_serializer="raw", value_serializer="raw")
@@ -149,17 +150,19 @@ def faust_floor_main() -> None:
     app.main()
 
 
-def _faust_floor(settings: Settings, n_events: int, folder: str) -> float:
+def _faust_floor(settings: Settings, n_events: int, folder: str, name: str = "floor") -> float:
+    """The empty agent's events/s over the topic's `n_events`, in a child process with a consumer
+    group of its own (`<app id>-<name>`: each name reads the topic from its beginning)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    out = Path(folder) / "floor.txt"
+    out = Path(folder) / f"{name}.txt"
     env = {**os.environ, **settings.to_env(), "RECUR_FLOOR_EVENTS": str(n_events), "RECUR_FLOOR_OUT": str(out)}
-    with open(Path(folder) / "floor.log", "wb") as log_file:
+    with open(Path(folder) / f"{name}.log", "wb") as log_file:
         subprocess.run([sys.executable, "-c", "from pipeline.bench.loads import faust_floor_main; faust_floor_main()"],
                        env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=600, check=False)
     if not out.exists():
-        raise RuntimeError(f"bench: the empty faust agent did not finish; see {Path(folder) / 'floor.log'}")
+        raise RuntimeError(f"bench: the empty faust agent did not finish; see {Path(folder) / f'{name}.log'}")
     return float(out.read_text())

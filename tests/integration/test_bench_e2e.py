@@ -27,6 +27,11 @@ def test_bench_e2e_smoke_run_reports_consistent_numbers_and_removes_its_topics(b
                            latency_seconds=3.0, plot=str(plot), say=said.append, workers=[1, 2])
     passthrough, worker = result["passthrough_events_per_s"], result["worker_events_per_s"]
     assert passthrough > 0 and worker > 0 and result["faust_empty_agent_events_per_s"] > 0
+    # the empty agent ran before and after the worker, each over every preloaded event; the ratio's
+    # denominator is their mean
+    before_run, after_run = result["faust_empty_agent_runs"]
+    assert before_run > 0 and after_run > 0
+    assert result["faust_empty_agent_events_per_s"] == pytest.approx((before_run + after_run) / 2, abs=0.1)
     # the JSON rounds each number from the unrounded rates: compare within that rounding
     assert result["ratio"] == pytest.approx(worker / passthrough, abs=0.001)
     assert result["workers_first_to_last"]["1"] == worker and result["workers_first_to_last"]["2"] > 0
