@@ -305,7 +305,6 @@ def run_e2e_bench(settings: Settings, n_events: int, n_users: int, n_items: int,
         if plot:
             _plot(result, timeline, plot)
             result["plot"] = plot
-        worker_process.stop(worker)
         shutil.rmtree(registry, ignore_errors=True)  # model, worker state and snapshots of this run (~70 MB)
         return result
     finally:

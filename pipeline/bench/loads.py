@@ -150,7 +150,7 @@ def faust_floor_main() -> None:
     app.main()
 
 
-def _faust_floor(settings: Settings, n_events: int, folder: str, name: str = "floor") -> float:
+def _faust_floor(settings: Settings, n_events: int, folder: str, name: str) -> float:
     """The empty agent's events/s over the topic's `n_events`, in a child process with a consumer
     group of its own (`<app id>-<name>`: each name reads the topic from its beginning)."""
     import os
